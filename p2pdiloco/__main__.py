@@ -1,0 +1,3 @@
+from p2pdiloco.cli import main
+
+main()

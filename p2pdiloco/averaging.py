@@ -1,0 +1,366 @@
+"""The consistent all-reduce of pseudo-gradients over hivemind.
+
+hivemind's stock butterfly all-reduce returns to each peer ``avg - decompress(x_i)`` and lets the
+peer add it to its own uncompressed ``x_i``: every member keeps its own quantization error and
+float re-association, so members of one group end a round with slightly different "averages"
+(2–4 % apart with 8-bit codecs). An outer Nesterov step on different inputs gives different
+outer states, which is a fork of the run.
+
+:class:`ConsistentAllReduceRunner` changes the protocol in one place: the reducer of a slice
+computes the weighted mean in fp32, serializes it **once** with the run's codec, and sends those
+same bytes to every member (itself included, through the same decode). Every member therefore
+decodes byte-identical averages. The runner is also all-or-nothing: if any reducer's slice is
+missing (peer died, timed out, sent garbage), the round raises instead of leaving that slice at
+local values, so a partial result is never applied.
+
+:class:`PseudoGradientAverager` owns one flat fp32 buffer (one buffer so a failure can never
+leave some tensors averaged and others not), keys matchmaking by the epoch (only peers at the same
+epoch can group), puts a hard deadline on every round and measures the bytes actually sent and
+received. It also serves the outer state to newcomers under the caller's lock and downloads it
+from a chosen list of peers.
+
+Every peer of a swarm must run this runner: the meaning of the ``AVERAGED_PART`` message differs
+from stock hivemind, and the run's fingerprint (part of the averaging prefix) keeps peers of
+different versions or configs apart. hivemind is pinned exactly because this relies on private
+attributes of ``AllReduceRunner`` and ``TensorPartContainer`` in 1.1.12.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any, AsyncIterator, Callable, Sequence
+
+import torch
+from hivemind import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.partition import AllreduceException, BannedException
+from hivemind.compression import (
+    BlockwiseQuantization,
+    CompressionBase,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    deserialize_torch_tensor,
+)
+from hivemind.compression.serialization import deserialize_torch_tensor as _deserialize
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, achain, attach_event_on_finished
+from hivemind.utils.streaming import combine_from_streaming
+
+from p2pdiloco.config import AveragingConfig
+from p2pdiloco.errors import AveragingFailed, StateDownloadFailed
+
+log = logging.getLogger(__name__)
+
+SENT, RECEIVED = 0, 1
+
+
+def make_codec(name: str) -> CompressionBase:
+    """The hivemind codec for a run's ``compression`` setting."""
+    if name == "none":
+        return NoCompression()
+    if name == "fp16":
+        return Float16Compression()
+    if name == "blockwise8":
+        import bitsandbytes  # noqa: F401  (import before the averager forks: a lazy import costs 6-9 s mid-round)
+
+        return BlockwiseQuantization()
+    raise ValueError(f"unknown compression '{name}'")
+
+
+class ConsistentAllReduceRunner(AllReduceRunner):
+    """Butterfly all-reduce whose reducers send the same serialized average to every member.
+
+    ``traffic`` is a shared-memory float64 tensor ``[bytes_sent, bytes_received]`` that this
+    runner (in the averager process) adds to; the host process reads it after the round.
+    """
+
+    def __init__(self, *, traffic: torch.Tensor, **kwargs):
+        super().__init__(**kwargs)
+        self.traffic = traffic
+        container = self.tensor_part_container
+        container.return_deltas = False  # outputs are averages, and a failed slice keeps local values...
+        me = self.ordered_peer_ids.index(self.peer_id)
+        self._part_infos = [info for _, info in container._input_parts_by_peer[me]]
+        self._serialized_averages: dict[int, Any] = {}
+
+    def failed_values(self) -> int:
+        return self.tensor_part_container.failed_size  # ...which is why any failure fails the round
+
+    def _serialize_average(self, part_index: int, averaged: torch.Tensor):
+        cached = self._serialized_averages.get(part_index)
+        if cached is None:
+            codec = self.tensor_part_container.compression
+            cached = codec.compress(averaged, self._part_infos[part_index])
+            self._serialized_averages[part_index] = cached
+        return cached
+
+    async def _communicate_with_peer(self, peer_id: PeerID):
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        if peer_id == self.peer_id:
+            # Our own slice goes through the very same encode/decode as what we send to others.
+            sender_index = self.sender_peer_ids.index(peer_id)
+            loop = asyncio.get_event_loop()
+            for part_index, part in enumerate(self.parts_for_local_averaging):
+                averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part, weight=self.weight)
+                serialized = await loop.run_in_executor(None, self._serialize_average, part_index, averaged)
+                self.tensor_part_container.register_processed_part(peer_index, part_index, _deserialize(serialized))
+            return
+        try:
+            done_sending = asyncio.Event()
+            inputs = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+
+            def decode(msg: averaging_pb2.AveragingData):
+                if msg.code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
+                return deserialize_torch_tensor(msg.tensor_part), msg.ByteSize()
+
+            part_index = 0
+            expected = self.tensor_part_container.num_parts_by_peer[peer_index]
+            async for averaged, size in amap_in_executor(
+                decode, aiter_with_timeout(stream, self.reducer_timeout), max_prefetch=self.tensor_part_container.prefetch
+            ):
+                if part_index >= expected or averaged.shape != self._expected_shape(peer_index, part_index):
+                    raise AllreduceException(f"{peer_id} sent a part of the wrong size")
+                self.traffic[RECEIVED] += size
+                self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
+                part_index += 1
+            if part_index != expected:
+                raise AllreduceException(f"{peer_id} sent {part_index} of {expected} averaged parts")
+        except BaseException as e:
+            if isinstance(e, Exception):
+                log.debug("all-reduce with %s failed: %r", peer_id, e)
+            self.tensor_part_container.register_failed_reducer(peer_index)
+            raise
+
+    def _expected_shape(self, peer_index: int, part_index: int) -> torch.Size:
+        return self.tensor_part_container._input_parts_by_peer[peer_index][part_index][0].shape
+
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super()._generate_input_for_peer(peer_index):
+            self.traffic[SENT] += message.ByteSize()
+            yield message
+
+    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
+        part_index = 0
+        expected_shapes = self.tensor_part_reducer.part_shapes
+        loop = asyncio.get_event_loop()
+
+        def decode(msg: averaging_pb2.AveragingData):
+            return deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.ByteSize()
+
+        try:
+            async for part, weight, size in amap_in_executor(decode, stream, max_prefetch=self.tensor_part_container.prefetch):
+                self.traffic[RECEIVED] += size
+                if part_index >= len(expected_shapes) or part.shape != expected_shapes[part_index]:
+                    raise AllreduceException(f"sender {sender_index} sent a part of the wrong size")
+                if not (weight > 0 and torch.isfinite(part).all()):
+                    raise AllreduceException(f"sender {sender_index} sent a non-finite part or weight")
+                try:
+                    averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part, weight=weight)
+                except BannedException:
+                    break
+                serialized = await loop.run_in_executor(None, self._serialize_average, part_index, averaged)
+                reply = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+                self.traffic[SENT] += reply.ByteSize()
+                part_index += 1
+                yield reply
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+@dataclasses.dataclass
+class RoundResult:
+    """What one successful round produced (the average itself is left in the buffer)."""
+
+    group: list[str]  # peer ids of the members, in the group's order
+    gathered: dict[str, Any]  # peer id -> what that member passed as ``gather``
+    seconds: float
+    bytes_sent: int
+    bytes_received: int
+
+
+class _Averager(DecentralizedAverager):
+    """hivemind's averager with the consistent runner, a traffic counter and pluggable state."""
+
+    def __init__(self, *args, state_fn: Callable[[], tuple[dict, Sequence[torch.Tensor]]], **kwargs):
+        self.traffic = torch.zeros(2, dtype=torch.float64).share_memory_()
+        self._state_fn = state_fn
+        super().__init__(*args, **kwargs)
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = ConsistentAllReduceRunner(
+            traffic=self.traffic,
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
+            raise AllreduceException("p2pdiloco peers never run as auxiliaries")
+        results = [averaged async for averaged in runner]
+        if runner.failed_values():
+            raise AllreduceException(f"partial all-reduce: {runner.failed_values()} values missing, round discarded")
+        for tensor, averaged in zip(tensors, results):
+            tensor.copy_(averaged)
+
+    def get_current_state(self):
+        """Runs in the host process (hivemind's background thread) when a newcomer asks."""
+        metadata, tensors = self._state_fn()
+        infos = [CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(tensors)]
+        return metadata, tensors, infos
+
+    async def _download_state_from(self, peers: list[str], chunk_timeout: float, future):
+        """Try ``peers`` in order; the first complete answer wins. Runs in the averager process."""
+        try:
+            for peer in peers:
+                peer_id = PeerID.from_base58(peer)
+                if peer_id == self.peer_id:
+                    continue
+                try:
+                    stub = self.get_stub(self._p2p, peer_id, namespace=self.prefix)
+                    stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+                    metadata, parts, tensors = None, [], []
+                    async for message in aiter_with_timeout(stream, timeout=chunk_timeout):
+                        if message.metadata:
+                            metadata = self.serializer.loads(message.metadata)
+                        if message.tensor_part.dtype and parts:
+                            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                            parts = []
+                        parts.append(message.tensor_part)
+                    if parts:
+                        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    if metadata is not None:
+                        future.set_result((peer, metadata, tensors))
+                        return
+                    log.info("peer %s declined to share its state", peer)
+                except Exception as e:
+                    log.info("state download from %s failed: %r", peer, e)
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+
+class PseudoGradientAverager:
+    """Averages one flat pseudo-gradient per epoch with same-epoch peers, consistently.
+
+    :param dht: a running ``hivemind.DHT``
+    :param size: number of fp32 values in the pseudo-gradient
+    :param prefix: averaging namespace; include the run fingerprint so mismatched peers never meet
+    :param cfg: the run's averaging timeouts
+    :param state_fn: returns ``(metadata, [tensors])`` of the current outer state; called from a
+        background thread when a newcomer downloads the state, so it must take the state lock
+    """
+
+    def __init__(
+        self,
+        dht,
+        size: int,
+        *,
+        prefix: str,
+        cfg: AveragingConfig,
+        compression: str,
+        target_group_size: int,
+        min_group_size: int,
+        state_fn: Callable[[], tuple[dict, Sequence[torch.Tensor]]],
+        client_mode: bool = False,
+    ):
+        from hivemind.utils import MPFuture
+
+        self._MPFuture = MPFuture
+        self.cfg = cfg
+        self.buffer = torch.zeros(size, dtype=torch.float32)
+        self._averager = _Averager(
+            [self.buffer],
+            dht,
+            start=True,
+            prefix=prefix,
+            state_fn=state_fn,
+            target_group_size=target_group_size,
+            min_group_size=min_group_size,
+            min_matchmaking_time=cfg.matchmaking_s,
+            request_timeout=cfg.request_s,
+            allreduce_timeout=cfg.allreduce_s,
+            next_chunk_timeout=cfg.next_chunk_s,
+            compression=make_codec(compression),
+            state_compression=NoCompression(),  # state is never quantized: newcomers must be bit-identical
+            client_mode=client_mode,
+            declare_state_period=max(cfg.matchmaking_s, 5.0),
+            shutdown_timeout=cfg.next_chunk_s,
+        )
+        self.buffer = self._averager._averaged_tensors[0]  # the shared-memory tensor the averager reads
+
+    @property
+    def peer_id(self) -> str:
+        return self._averager.peer_id.to_base58()
+
+    def set_state_priority(self, epoch: int) -> None:
+        """Newcomers try donors with the highest epoch first."""
+        self._averager.state_sharing_priority = float(epoch)
+
+    def average(self, pseudo_gradient: torch.Tensor, *, epoch: int, weight: float, gather: dict) -> RoundResult:
+        """All-reduce ``pseudo_gradient`` with peers at ``epoch``; return with the average in ``self.buffer``.
+
+        Raises :class:`AveragingFailed` if no group formed, a member failed, the result was partial,
+        or the deadline ``cfg.round_s`` passed. On failure the buffer's content is undefined.
+        """
+        cfg = self.cfg
+        with self._averager.get_tensors() as (buffer,):
+            buffer.copy_(pseudo_gradient)
+        self._averager.set_group_bits(format(epoch % 2**16, "016b"))
+        before = self._averager.traffic.clone()
+        started = time.monotonic()
+        control = self._averager.step(
+            gather=dict(gather, epoch=epoch), weight=float(weight), timeout=2 * cfg.matchmaking_s, wait=False
+        )
+        try:
+            gathered = control.result(timeout=cfg.round_s)
+        except Exception as e:
+            control.cancel()
+            raise AveragingFailed(f"round of epoch {epoch} failed: {type(e).__name__}: {e}") from None
+        if not gathered:
+            raise AveragingFailed(f"round of epoch {epoch} failed: no group")
+        gathered = {peer.to_base58(): data for peer, data in gathered.items()}
+        epochs = {data.get("epoch") if isinstance(data, dict) else None for data in gathered.values()}
+        if epochs != {epoch}:
+            raise AveragingFailed(f"group mixed epochs {sorted(map(str, epochs))}; round discarded")
+        traffic = self._averager.traffic - before
+        return RoundResult(
+            group=sorted(gathered),
+            gathered=gathered,
+            seconds=time.monotonic() - started,
+            bytes_sent=int(traffic[SENT]),
+            bytes_received=int(traffic[RECEIVED]),
+        )
+
+    def download_state(self, peers: list[str], timeout: float):
+        """Fetch ``(donor, metadata, tensors)`` from the first of ``peers`` that answers, else raise."""
+        future = self._MPFuture()
+        self._averager._outer_pipe.send(
+            ("_download_state_from", [], dict(peers=peers, chunk_timeout=self.cfg.next_chunk_s, future=future))
+        )
+        try:
+            result = future.result(timeout=timeout)
+        except Exception as e:
+            future.cancel()
+            raise StateDownloadFailed(f"no state from {len(peers)} peer(s) within {timeout:.0f} s: {e!r}") from None
+        if result is None:
+            raise StateDownloadFailed(f"none of {len(peers)} peer(s) served its state")
+        return result
+
+    def shutdown(self) -> None:
+        if self._averager.is_alive():
+            self._averager.shutdown()

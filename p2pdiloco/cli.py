@@ -1,0 +1,159 @@
+"""The ``p2pdiloco`` command line. Heavy imports (torch, hivemind) happen inside the commands,
+so ``p2pdiloco --help`` answers at once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from p2pdiloco import __version__
+from p2pdiloco.errors import P2PDilocoError
+
+app = typer.Typer(
+    name="p2pdiloco",
+    help="Train one language model together over the internet: DiLoCo over a hivemind swarm.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+SET_HELP = "Override a config field, e.g. --set run.inner_steps=20 (repeatable)."
+PEERS_HELP = "Multiaddr of a peer of the run (a coordinator, another peer, or a hivemind-dht node); repeatable."
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _fail(err: P2PDilocoError) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(err.exit_code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    pass
+
+
+@app.command()
+def coordinator(
+    port: int = typer.Option(0, help="TCP port to listen on (fix it so others can dial the same address)."),
+    host: str = typer.Option("127.0.0.1", help="Listen address: 0.0.0.0 for peers on other machines."),
+    public_host: Optional[str] = typer.Option(None, help="Address other peers should dial (behind NAT/Docker)."),
+    identity: Optional[Path] = typer.Option(None, help="Private key file for a stable peer id (created if absent)."),
+    addrs_file: Optional[Path] = typer.Option(None, help="Write this node's multiaddrs here, one per line."),
+    startup_timeout: float = typer.Option(30.0, help="Seconds to wait for the DHT to start."),
+    log_level: str = typer.Option("info", envvar="P2PDILOCO_LOG_LEVEL"),
+) -> None:
+    """Run a long-lived bootstrap peer: a stable address for volunteers to join through. Ctrl+C stops it."""
+    _setup_logging(log_level)
+    from p2pdiloco.coordinator import run_coordinator
+
+    try:
+        run_coordinator(
+            host=host, port=port, public_host=public_host, identity=identity, addrs_file=addrs_file, timeout=startup_timeout
+        )
+    except P2PDilocoError as e:
+        _fail(e)
+
+
+@app.command()
+def join(
+    config: Optional[str] = typer.Argument(None, help="Recipe: a TOML file or a bundled name (default: tiny-cpu)."),
+    peers: list[str] = typer.Option([], "--peers", help=PEERS_HELP),
+    max_epochs: Optional[int] = typer.Option(None, help="Leave after the swarm reaches this epoch."),
+    metrics_file: Optional[Path] = typer.Option(None, help="Append one JSON object per completed epoch here."),
+    export: Optional[Path] = typer.Option(None, help="On exit, save the global model here (save_pretrained)."),
+    port: Optional[int] = typer.Option(None, help="TCP port (peer.port); 0 = any free port."),
+    host: Optional[str] = typer.Option(None, help="Listen address (peer.host); 0.0.0.0 to accept remote peers."),
+    public_host: Optional[str] = typer.Option(None, help="Address others should dial (peer.public_host)."),
+    identity: Optional[Path] = typer.Option(None, help="Private key file for a stable peer id (peer.identity)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    log_level: str = typer.Option("info", envvar="P2PDILOCO_LOG_LEVEL"),
+) -> None:
+    """Become a peer of the run described by CONFIG: find the swarm, catch up, train, average."""
+    _setup_logging(log_level)
+    from p2pdiloco.config import load_recipe
+
+    overrides = list(set_)
+    for key, value in (("port", port), ("host", host), ("public_host", public_host), ("identity", identity)):
+        if value is not None:
+            overrides.append(f"peer.{key}={value!s}" if key == "port" else f'peer.{key}="{value!s}"')
+    try:
+        recipe = load_recipe(config, overrides)
+        if not peers:
+            logging.getLogger("p2pdiloco").info("no --peers given: starting a new run '%s' alone", recipe.run.name)
+        from p2pdiloco.peer import run_peer
+
+        run_peer(
+            recipe,
+            initial_peers=peers,
+            max_epochs=max_epochs,
+            metrics_file=str(metrics_file) if metrics_file else None,
+            export_dir=str(export) if export else None,
+        )
+    except P2PDilocoError as e:
+        _fail(e)
+
+
+@app.command()
+def simulate(
+    config: Optional[str] = typer.Argument(None, help="Recipe (default: tiny-cpu)."),
+    peers: int = typer.Option(2, "--peers", min=1, help="Number of peer processes."),
+    epochs: int = typer.Option(5, min=1, help="Epochs (outer steps) to train."),
+    out: Path = typer.Option(Path("runs/simulate"), help="Folder for metrics, logs, summary.json and the plot."),
+    timeout: Optional[float] = typer.Option(None, help="Give up after this many seconds (default: sized from the recipe)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Start a coordinator and N peers on this machine, train, and summarize (the main job)."""
+    _setup_logging("warning")
+    from p2pdiloco.simulate import run_simulation
+
+    try:
+        summary = run_simulation(config, overrides=list(set_), num_peers=peers, epochs=epochs, out=out, timeout=timeout)
+    except P2PDilocoError as e:
+        _fail(e)
+    if not summary["consistent"] or summary["epochs_completed"] < epochs:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    peers: list[str] = typer.Option(..., "--peers", help=PEERS_HELP),
+    run: Optional[str] = typer.Option(None, help="Only this run (default: every run the DHT knows)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    timeout: float = typer.Option(15.0, help="Seconds to wait for the DHT."),
+) -> None:
+    """Print the runs' peers, their epochs and throughput, read from the DHT."""
+    _setup_logging("warning")
+    from p2pdiloco.coordinator import print_status
+
+    try:
+        print_status(peers, run=run, as_json=as_json, timeout=timeout)
+    except P2PDilocoError as e:
+        _fail(e)
+
+
+def main() -> None:
+    # hivemind's averager and DHT are forked processes; keep "fork" even where Python's default changes.
+    os.environ.setdefault("HIVEMIND_COLORS", "0")
+    app()

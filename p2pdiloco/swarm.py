@@ -1,0 +1,203 @@
+"""The DHT: starting it, the keys a run uses, and the records peers publish there.
+
+Keys (all under the run's name):
+
+``{run}_config``
+    The run config's fingerprint and canonical content, so a joining peer with a different
+    config can be refused with the list of differing keys.
+``{run}_progress``
+    One subkey per peer: a :class:`Progress` record (epoch, state digest, speed, loss). The
+    swarm's epoch is the largest epoch among live records; the digest lets a peer see that its
+    state differs from the swarm's for its epoch.
+``p2pdiloco_runs``
+    One subkey per run name, so ``p2pdiloco status`` can list runs without knowing their names.
+
+Records read from the DHT come from strangers: each is validated with pydantic and dropped if
+malformed, never trusted as-is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from p2pdiloco.errors import ConfigMismatch, SwarmError
+
+log = logging.getLogger(__name__)
+
+RUNS_KEY = "p2pdiloco_runs"
+
+
+class Progress(BaseModel):
+    """What a peer tells the swarm about itself, refreshed every epoch."""
+
+    model_config = ConfigDict(extra="ignore")
+    peer: str = Field(max_length=128)
+    epoch: int = Field(ge=0)
+    state_hash: str = Field(max_length=64)
+    tokens_per_s: float = Field(0.0, ge=0)
+    train_loss: float | None = None
+    val_loss: float | None = None
+    shard: int = Field(0, ge=0)
+    time: float = 0.0
+    ready: bool = False  # finished its inner phase and waiting to average
+    leaving: bool = False
+
+
+def progress_key(run: str) -> str:
+    return f"{run}_progress"
+
+
+def config_key(run: str) -> str:
+    return f"{run}_config"
+
+
+def validate_multiaddrs(addrs: Sequence[str]) -> list[str]:
+    """Parse ``--peers`` values; raise a one-line :class:`SwarmError` for a malformed one."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    out = []
+    for addr in addrs:
+        try:
+            parsed = Multiaddr(addr)
+        except Exception:
+            raise SwarmError(f"--peers '{addr}' is not a multiaddr: expected /ip4/HOST/tcp/PORT/p2p/PEER_ID") from None
+        if "/p2p/" not in str(parsed):
+            raise SwarmError(f"--peers '{addr}' lacks the peer id: expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")
+        out.append(str(parsed))
+    return out
+
+
+def start_dht(
+    initial_peers: Sequence[str] = (),
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    public_host: str | None = None,
+    identity: str | None = None,
+    client_mode: bool = False,
+    timeout: float = 30.0,
+):
+    """Start a hivemind DHT (a child process plus the ``p2pd`` daemon) and wait until it is ready.
+
+    Raises :class:`SwarmError` with the cause and the fix when the port is taken, the identity
+    is in use, or none of ``initial_peers`` can be reached within ``timeout`` seconds.
+    """
+    import hivemind
+
+    initial_peers = validate_multiaddrs(initial_peers)
+    kwargs: dict[str, Any] = dict(
+        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+        client_mode=client_mode,
+        # Never probe a real gateway or relay from a peer that was not asked to (tests, loopback runs).
+        use_relay=False,
+        use_auto_relay=False,
+        nat_port_map=False,
+        auto_nat=False,
+    )
+    if public_host:
+        if not port:
+            raise SwarmError("--public-host needs a fixed --port: others must know which port to dial")
+        kwargs["announce_maddrs"] = [f"/ip4/{public_host}/tcp/{port}"]
+    if identity:
+        kwargs["identity_path"] = identity
+    dht = hivemind.DHT(initial_peers=initial_peers or None, start=False, **kwargs)
+    try:
+        dht.run_in_background(await_ready=True, timeout=timeout)
+    except Exception as e:
+        _kill_dht(dht)
+        raise SwarmError(_explain_dht_failure(e, initial_peers, host, port, timeout)) from None
+    return dht
+
+
+def _kill_dht(dht) -> None:
+    try:
+        if dht.is_alive():
+            dht.terminate()
+            dht.join(5)
+    except Exception:  # the DHT may never have started
+        pass
+
+
+def _explain_dht_failure(err: Exception, peers: Sequence[str], host: str, port: int, timeout: float) -> str:
+    text = str(err)
+    if "already taken" in text:
+        return "this identity file is in use by another running peer: give each peer its own --identity"
+    if "address already in use" in text.lower() or "bind" in text.lower():
+        return f"port {port} on {host} is already in use: choose another --port (or 0 for any free port)"
+    if "bootstrap" in text.lower() or isinstance(err, TimeoutError) or "Timeout" in type(err).__name__:
+        return (
+            f"could not reach any of the {len(peers)} --peers address(es) within {timeout:.0f} s: "
+            "check the address, that the peer is running and that its port is reachable"
+        )
+    return f"the DHT failed to start: {type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def maddrs_of(dht) -> list[str]:
+    return [str(m) for m in dht.get_visible_maddrs()]
+
+
+def read_progress(dht, run: str, timeout: float = 10.0) -> dict[str, Progress]:
+    """Live progress records of the run, by peer id; malformed records are dropped."""
+    try:
+        found = dht.get(progress_key(run), latest=True, return_future=True).result(timeout=timeout)
+    except Exception as e:
+        log.debug("reading progress failed: %r", e)
+        return {}
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    records = {}
+    for subkey, item in found.value.items():
+        try:
+            record = Progress.model_validate(item.value)
+        except (ValidationError, AttributeError, TypeError):
+            log.debug("dropped a malformed progress record under %r", subkey)
+            continue
+        if str(subkey) == record.peer and not record.leaving:
+            records[record.peer] = record
+    return records
+
+
+def publish_progress(dht, run: str, record: Progress, ttl: float) -> None:
+    """Store this peer's record (fire and forget: publishing must never stall training)."""
+    from hivemind.utils import get_dht_time
+
+    dht.store(
+        progress_key(run),
+        subkey=record.peer,
+        value=record.model_dump(),
+        expiration_time=get_dht_time() + ttl,
+        return_future=True,
+    )
+    dht.store(RUNS_KEY, subkey=run, value={"time": time.time()}, expiration_time=get_dht_time() + ttl, return_future=True)
+
+
+def check_fingerprint(dht, run: str, fingerprint: str, canonical: dict, ttl: float, timeout: float = 10.0) -> bool:
+    """Refuse to join a run whose published config differs from ours; publish ours otherwise.
+
+    Returns True if the run's config was already published (the run exists), False if this peer
+    is the first. Raises :class:`ConfigMismatch` listing the differing keys.
+    """
+    from hivemind.utils import get_dht_time
+
+    from p2pdiloco.config import diff_keys
+
+    found = dht.get(config_key(run), latest=True, return_future=True).result(timeout=timeout)
+    existing = found.value if found is not None and isinstance(found.value, dict) else None
+    if existing and existing.get("fingerprint") != fingerprint:
+        theirs = existing.get("config") if isinstance(existing.get("config"), dict) else {}
+        diffs = diff_keys(canonical, theirs) or ["(the published config could not be read)"]
+        raise ConfigMismatch(
+            f"this config (fingerprint {fingerprint}) differs from run '{run}' (fingerprint "
+            f"{existing.get('fingerprint')}) in: {'; '.join(diffs[:8])}: use the run's recipe, or another run.name"
+        )
+    dht.store(
+        config_key(run),
+        {"fingerprint": fingerprint, "config": canonical},
+        expiration_time=get_dht_time() + ttl,
+        return_future=True,
+    ).result(timeout=timeout)
+    return existing is not None
