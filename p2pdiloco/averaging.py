@@ -45,10 +45,9 @@ from hivemind.compression import (
     NoCompression,
     deserialize_torch_tensor,
 )
-from hivemind.compression.serialization import deserialize_torch_tensor as _deserialize
-from hivemind.p2p import P2PContext, PeerID
+from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, achain, attach_event_on_finished
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 from hivemind.utils.streaming import combine_from_streaming
 
 from p2pdiloco.config import AveragingConfig
@@ -108,7 +107,7 @@ class ConsistentAllReduceRunner(AllReduceRunner):
             for part_index, part in enumerate(self.parts_for_local_averaging):
                 averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part, weight=self.weight)
                 serialized = await loop.run_in_executor(None, self._serialize_average, part_index, averaged)
-                self.tensor_part_container.register_processed_part(peer_index, part_index, _deserialize(serialized))
+                self.tensor_part_container.register_processed_part(peer_index, part_index, deserialize_torch_tensor(serialized))
             return
         try:
             done_sending = asyncio.Event()
@@ -217,6 +216,12 @@ class _Averager(DecentralizedAverager):
         for tensor, averaged in zip(tensors, results):
             tensor.copy_(averaged)
 
+    async def _set_expected_group_size(self, size: int, future) -> None:
+        """Form the group as soon as ``size`` members joined instead of waiting min_matchmaking_time."""
+        self._matchmaking.target_group_size = size
+        self._matchmaking.potential_leaders.target_group_size = size
+        future.set_result(None)
+
     def get_current_state(self):
         """Runs in the host process (hivemind's background thread) when a newcomer asks."""
         metadata, tensors = self._state_fn()
@@ -282,6 +287,7 @@ class PseudoGradientAverager:
 
         self._MPFuture = MPFuture
         self.cfg = cfg
+        self.target_group_size = target_group_size
         self.buffer = torch.zeros(size, dtype=torch.float32)
         self._averager = _Averager(
             [self.buffer],
@@ -311,8 +317,13 @@ class PseudoGradientAverager:
         """Newcomers try donors with the highest epoch first."""
         self._averager.state_sharing_priority = float(epoch)
 
-    def average(self, pseudo_gradient: torch.Tensor, *, epoch: int, weight: float, gather: dict) -> RoundResult:
+    def average(
+        self, pseudo_gradient: torch.Tensor, *, epoch: int, weight: float, gather: dict, expected_size: int | None = None
+    ) -> RoundResult:
         """All-reduce ``pseudo_gradient`` with peers at ``epoch``; return with the average in ``self.buffer``.
+
+        ``expected_size`` (at most the run's target group size): how many peers are known to be
+        ready for this epoch, so the group starts as soon as they all joined.
 
         Raises :class:`AveragingFailed` if no group formed, a member failed, the result was partial,
         or the deadline ``cfg.round_s`` passed. On failure the buffer's content is undefined.
@@ -321,6 +332,7 @@ class PseudoGradientAverager:
         with self._averager.get_tensors() as (buffer,):
             buffer.copy_(pseudo_gradient)
         self._averager.set_group_bits(format(epoch % 2**16, "016b"))
+        self._call("_set_expected_group_size", size=min(expected_size or self.target_group_size, self.target_group_size))
         before = self._averager.traffic.clone()
         started = time.monotonic()
         control = self._averager.step(
@@ -346,16 +358,17 @@ class PseudoGradientAverager:
             bytes_received=int(traffic[RECEIVED]),
         )
 
+    def _call(self, method: str, timeout: float | None = None, **kwargs):
+        """Run an async method of the averager in its process and wait (bounded) for its result."""
+        future = self._MPFuture()
+        self._averager._outer_pipe.send((method, [], dict(kwargs, future=future)))
+        return future.result(timeout=timeout or self.cfg.request_s)
+
     def download_state(self, peers: list[str], timeout: float):
         """Fetch ``(donor, metadata, tensors)`` from the first of ``peers`` that answers, else raise."""
-        future = self._MPFuture()
-        self._averager._outer_pipe.send(
-            ("_download_state_from", [], dict(peers=peers, chunk_timeout=self.cfg.next_chunk_s, future=future))
-        )
         try:
-            result = future.result(timeout=timeout)
+            result = self._call("_download_state_from", timeout, peers=peers, chunk_timeout=self.cfg.next_chunk_s)
         except Exception as e:
-            future.cancel()
             raise StateDownloadFailed(f"no state from {len(peers)} peer(s) within {timeout:.0f} s: {e!r}") from None
         if result is None:
             raise StateDownloadFailed(f"none of {len(peers)} peer(s) served its state")

@@ -47,6 +47,7 @@ class Peer:
     ):
         from p2pdiloco import data, inner, model
 
+        initial_peers = swarm.validate_multiaddrs(initial_peers)
         self.run_cfg, self.peer_cfg = run, peer = recipe.run, recipe.peer
         self.max_epochs, self.export_dir = max_epochs, export_dir
         self.metrics_path = Path(metrics_file) if metrics_file else None
@@ -139,7 +140,9 @@ class Peer:
         if not others:
             return "alone"
         try:
-            return self.averager.average(delta, epoch=self.outer.epoch, weight=tokens, gather={"peer": self.peer_id})
+            return self.averager.average(
+                delta, epoch=self.outer.epoch, weight=tokens, gather={"peer": self.peer_id}, expected_size=len(others) + 1
+            )
         except AveragingFailed as e:
             log.warning("%s", e)
             if self._swarm_epoch() > self.outer.epoch:

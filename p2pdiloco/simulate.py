@@ -1,0 +1,240 @@
+"""``p2pdiloco simulate``: a coordinator and N peers as separate processes on loopback.
+
+The peers are real ``p2pdiloco join`` processes, each in its own process group (so stopping one
+stops its DHT, averager and ``p2pd`` too). Progress is read from their metrics files; at the end
+the summary table, ``summary.json`` and ``loss.png`` are written to the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from p2pdiloco.config import load_recipe, recipe_path
+from p2pdiloco.errors import P2PDilocoError
+
+# Rough CPU seconds per token of forward+backward for a parameter, used only to size the default
+# timeout of a simulation; generous on purpose (2 cores shared by all peers).
+_SECONDS_PER_TOKEN_PARAM = 2e-9
+
+
+class ProcessGroup:
+    """A child in its own session/process group; ``stop`` signals the whole group and reaps it."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        self.log = log_path.open("ab")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace: float = 15.0) -> int:
+        """SIGTERM (the peer leaves cleanly), then SIGKILL of the whole group after ``grace`` seconds."""
+        if self.alive():
+            self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        self.signal(signal.SIGKILL)  # children (DHT, averager, p2pd) of an exited peer too, if any linger
+        code = self.proc.wait()
+        self.log.close()
+        return code
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "p2pdiloco"]
+
+
+def start_coordinator(out: Path, timeout: float) -> tuple[ProcessGroup, list[str]]:
+    addrs_file = out / "coordinator.addrs"
+    addrs_file.unlink(missing_ok=True)
+    coord = ProcessGroup([*_cli(), "coordinator", "--addrs-file", str(addrs_file)], out / "coordinator.log")
+    deadline = time.monotonic() + timeout
+    while not addrs_file.exists():
+        if not coord.alive() or time.monotonic() > deadline:
+            coord.stop()
+            raise P2PDilocoError(f"the coordinator did not start within {timeout:.0f} s: see {out / 'coordinator.log'}")
+        time.sleep(0.2)  # the coordinator writes the file atomically once its DHT is up
+    return coord, addrs_file.read_text().split()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written right now
+    return records
+
+
+def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float) -> dict:
+    """The run's summary from every peer's metrics records (see README, machine-readable output)."""
+    hashes: dict[int, dict[str, str]] = {}
+    per_epoch: dict[int, list[dict]] = {}
+    for records in metrics.values():
+        for r in records:
+            hashes.setdefault(r["epoch"], {})[r["peer"]] = r["state_hash"]
+            per_epoch.setdefault(r["epoch"], []).append(r)
+    val = {e: [r["val_loss"] for r in rs if r.get("val_loss") is not None] for e, rs in per_epoch.items()}
+    val = {e: v[0] for e, v in val.items() if v}
+    completed = max((e for e, rs in per_epoch.items() if any(r.get("event") in ("outer_step", "solo_step") for r in rs)), default=0)
+    rows = []
+    for epoch in sorted(per_epoch):
+        steps = [r for r in per_epoch[epoch] if r.get("event") in ("outer_step", "solo_step")]
+        rows.append(
+            dict(
+                epoch=epoch,
+                train_loss=statistics.mean(r["train_loss"] for r in steps) if steps else None,
+                val_loss=val.get(epoch),
+                group_size=max((r["group_size"] for r in steps), default=0),
+                allreduce_s=statistics.mean(r["allreduce_s"] for r in steps) if steps else 0.0,
+                bytes_sent=sum(r["bytes_sent"] for r in steps),
+                peers_reporting=len(hashes[epoch]),
+                distinct_states=len(set(hashes[epoch].values())),
+            )
+        )
+    return dict(
+        peers=num_peers,
+        epochs_completed=completed,
+        val_loss_initial=val.get(0),
+        val_loss_final=val.get(max(val)) if val else None,
+        consistent=all(len(set(h.values())) == 1 for h in hashes.values()),
+        state_hashes={str(e): h for e, h in sorted(hashes.items())},
+        bytes_sent_total=sum(r["bytes_sent"] for r in rows),
+        wall_s=wall_s,
+        epochs=rows,
+    )
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["epochs"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(r["epoch"], r["train_loss"]) for r in rows if r["train_loss"] is not None]
+    val = [(r["epoch"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
+    if train:
+        ax.plot(*zip(*train), "o-", label="train loss (mean over peers, inner phase)")
+    if val:
+        ax.plot(*zip(*val), "s-", label="validation loss (global parameters)")
+    ax.set_xlabel("epoch (outer steps)")
+    ax.set_ylabel("loss")
+    ax.set_title(f"p2pdiloco simulate: {summary['peers']} peers")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_table(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['peers']} peers, {summary['epochs_completed']} epochs, {summary['wall_s']:.0f} s")
+    for col in ("epoch", "train loss", "val loss", "group", "all-reduce s", "bytes sent", "states"):
+        table.add_column(col, justify="right")
+    for r in summary["epochs"]:
+        table.add_row(
+            str(r["epoch"]),
+            "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}",
+            "-" if r["val_loss"] is None else f"{r['val_loss']:.3f}",
+            str(r["group_size"] or "-"),
+            f"{r['allreduce_s']:.2f}",
+            f"{r['bytes_sent'] / 1e6:.1f} MB",
+            "identical" if r["distinct_states"] == 1 else f"{r['distinct_states']} DIFFER",
+        )
+    console = Console()
+    console.print(table)
+    verdict = "[green]consistent[/]" if summary["consistent"] else "[red]NOT consistent[/]"
+    console.print(
+        f"{verdict}: every peer held the same state at every epoch; validation loss "
+        f"{summary['val_loss_initial']} -> {summary['val_loss_final']}"
+        if summary["consistent"]
+        else f"{verdict}: some epochs have differing states (see summary.json)"
+    )
+
+
+def default_timeout(recipe, epochs: int, num_peers: int) -> float:
+    run = recipe.run
+    m = run.model
+    params = m.num_layers * (4 * m.hidden_size**2 + 3 * m.hidden_size * m.intermediate_size) + m.vocab_size * m.hidden_size
+    tokens = run.inner_steps * run.data.batch_size * run.data.seq_len
+    step_s = tokens * params * _SECONDS_PER_TOKEN_PARAM * max(1.0, num_peers / 2)
+    return 120 + epochs * (3 * step_s + run.averaging.round_s + run.averaging.wait_for_peers_s)
+
+
+def run_simulation(config: str | None, *, overrides: list[str], num_peers: int, epochs: int, out: Path, timeout: float | None) -> dict:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    recipe = load_recipe(config, overrides)  # fail fast on a bad config, before starting anything
+    config_file = str(recipe_path(config))
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("peer*.jsonl"), *out.glob("*.log")]:
+        stale.unlink()
+    from p2pdiloco import data
+
+    print(f"preparing data and tokenizer for '{recipe.run.name}' ...", flush=True)
+    data.prepare(recipe.run.data, recipe.run.model.vocab_size, Path(recipe.peer.cache_dir).expanduser())
+    timeout = timeout or default_timeout(recipe, epochs, num_peers)
+    started = time.monotonic()
+    coord, addrs = start_coordinator(out, recipe.peer.bootstrap_s)
+    peers: list[ProcessGroup] = []
+    try:
+        for i in range(num_peers):
+            args = [*_cli(), "join", config_file, "--max-epochs", str(epochs), "--metrics-file", str(out / f"peer{i}.jsonl")]
+            for addr in addrs:
+                args += ["--peers", addr]
+            for item in overrides:
+                args += ["--set", item]
+            if i == 0:
+                args += ["--export", str(out / "model")]  # peer 0 evaluates and exports the global model
+            else:
+                args += ["--set", "peer.eval_every=0"]
+            peers.append(ProcessGroup(args, out / f"peer{i}.log"))
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn()) as progress:
+            tasks = [progress.add_task(f"peer {i}", total=epochs, info="starting") for i in range(num_peers)]
+            deadline = started + timeout
+            while any(p.alive() for p in peers) and time.monotonic() < deadline:
+                for i, task in enumerate(tasks):
+                    records = read_metrics(out / f"peer{i}.jsonl")
+                    last = records[-1] if records else None
+                    info = "starting" if last is None else f"epoch {last['epoch']} {last.get('event', '')}"
+                    if last and last.get("train_loss") is not None:
+                        info += f" loss {last['train_loss']:.3f}"
+                    if not peers[i].alive():
+                        info += f" (exited {peers[i].proc.returncode})"
+                    progress.update(task, completed=last["epoch"] if last else 0, info=info)
+                time.sleep(1.0)  # a progress display refresh, not synchronisation
+        if any(p.alive() for p in peers):
+            print(f"simulate: timed out after {timeout:.0f} s; stopping the peers", file=sys.stderr)
+    finally:
+        codes = [p.stop() for p in peers]
+        coord.stop()
+    metrics = {f"peer{i}": read_metrics(out / f"peer{i}.jsonl") for i in range(num_peers)}
+    summary = summarize(metrics, num_peers, time.monotonic() - started)
+    summary["exit_codes"] = codes
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(summary, out / "loss.png")
+    print_table(summary)
+    print(f"wrote {out / 'summary.json'}, {out / 'loss.png'} and the peers' metrics and logs in {out}/")
+    return summary

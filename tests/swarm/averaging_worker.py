@@ -1,0 +1,46 @@
+"""A process that averages one random vector with its group (used by test_averaging.py).
+
+    python averaging_worker.py OUT_FILE RANK COMPRESSION [INITIAL_PEER...]
+
+Writes the averaged vector, the round's metadata and its traffic to OUT_FILE (torch.save), or
+{"error": ...} if the round failed. Prints its multiaddr on stdout first, so a test can start the
+others with it.
+"""
+
+import sys
+
+import torch
+
+from p2pdiloco import swarm
+from p2pdiloco.averaging import PseudoGradientAverager
+from p2pdiloco.config import AveragingConfig
+from p2pdiloco.errors import AveragingFailed
+
+SIZE = 300_000
+
+
+def main() -> None:
+    out, rank, compression, *peers = sys.argv[1:]
+    rank = int(rank)
+    dht = swarm.start_dht(peers)
+    print(swarm.maddrs_of(dht)[0], flush=True)
+    cfg = AveragingConfig(matchmaking_s=10.0, request_s=3.0, allreduce_s=20.0, next_chunk_s=5.0, round_s=45.0)
+    avg = PseudoGradientAverager(
+        dht, SIZE, prefix="avgtest", cfg=cfg, compression=compression, target_group_size=4, min_group_size=3,
+        state_fn=lambda: ({}, []),
+    )
+    gen = torch.Generator().manual_seed(rank)
+    vector = torch.randn(SIZE, generator=gen) * (rank + 1)
+    try:
+        result = avg.average(vector, epoch=7, weight=rank + 1, gather={"rank": rank}, expected_size=3)
+        torch.save({"input": vector, "average": avg.buffer.clone(), "group": result.group, "sent": result.bytes_sent,
+                    "received": result.bytes_received}, out)
+    except AveragingFailed as e:
+        torch.save({"error": str(e)}, out)
+    finally:
+        avg.shutdown()
+        dht.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""A local swarm of real ``p2pdiloco join`` processes for the swarm and e2e tests.
+
+Each peer runs in its own process group (its DHT, averager and ``p2pd`` included); teardown
+stops every group and checks that nothing of it is left running.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from p2pdiloco.simulate import ProcessGroup, _cli, read_metrics, start_coordinator
+
+TEST_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "test.toml")
+
+
+def group_is_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+class LocalSwarm:
+    def __init__(self, out: Path, cache_dir: Path, overrides: list[str] = ()):
+        self.out, self.cache_dir, self.overrides = out, cache_dir, list(overrides)
+        out.mkdir(parents=True, exist_ok=True)
+        self.coordinator, self.addrs = start_coordinator(out, timeout=60)
+        self.peers: list[ProcessGroup] = []
+        self.killed: set[int] = set()
+
+    def add_peer(self, max_epochs: int, *extra: str) -> int:
+        index = len(self.peers)
+        args = [*_cli(), "join", TEST_CONFIG, "--max-epochs", str(max_epochs), "--metrics-file", str(self.metrics_path(index))]
+        for addr in self.addrs:
+            args += ["--peers", addr]
+        for item in [f'peer.cache_dir="{self.cache_dir}"', *self.overrides]:
+            args += ["--set", item]
+        self.peers.append(ProcessGroup(args + list(extra), self.out / f"peer{index}.log"))
+        return index
+
+    def metrics_path(self, index: int) -> Path:
+        return self.out / f"peer{index}.jsonl"
+
+    def metrics(self, index: int) -> list[dict]:
+        return read_metrics(self.metrics_path(index))
+
+    def epoch(self, index: int) -> int:
+        return max((r["epoch"] for r in self.metrics(index)), default=-1)
+
+    def wait_until(self, condition, timeout: float, what: str) -> None:
+        """Wait for a condition on the peers' metrics files (written as epochs complete), bounded."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; logs in {self.out}")
+            dead = [i for i, p in enumerate(self.peers) if not p.alive() and p.proc.returncode != 0 and i not in self.killed]
+            if dead:
+                raise AssertionError(f"peer(s) {dead} crashed; see {self.out}/peer*.log")
+            time.sleep(0.25)  # metrics files have no change notification we could block on portably
+
+    def kill(self, index: int) -> None:
+        """SIGKILL the peer's whole process group: Python, DHT, averager and p2pd at once."""
+        import signal
+
+        self.killed.add(index)
+        self.peers[index].signal(signal.SIGKILL)
+        self.peers[index].proc.wait(30)
+
+    def wait_exit(self, indices, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        codes = []
+        for i in indices:
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                codes.append(self.peers[i].proc.wait(remaining))
+            except Exception:
+                raise AssertionError(f"peer {i} did not finish within {timeout:.0f} s; see {self.out}/peer{i}.log") from None
+        return codes
+
+    def stop(self) -> None:
+        for p in self.peers:
+            p.stop(grace=10)
+        self.coordinator.stop(grace=10)
+        leftovers = [p.proc.pid for p in [*self.peers, self.coordinator] if not group_is_gone(p.proc.pid)]
+        assert not leftovers, f"process groups still alive after stop: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """Tokenizer and tokenized corpus of the test recipe, prepared once for all peers."""
+    from p2pdiloco import data
+    from p2pdiloco.config import load_recipe
+
+    cache = tmp_path_factory.mktemp("p2pdiloco-cache")
+    recipe = load_recipe(TEST_CONFIG)
+    data.prepare(recipe.run.data, recipe.run.model.vocab_size, cache)
+    return cache
+
+
+@pytest.fixture
+def local_swarm(tmp_path, data_cache):
+    swarms = []
+
+    def make(overrides=()):
+        swarm = LocalSwarm(tmp_path / f"swarm{len(swarms)}", data_cache, overrides)
+        swarms.append(swarm)
+        return swarm
+
+    yield make
+    for swarm in swarms:
+        swarm.stop()
