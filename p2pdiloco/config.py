@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -41,15 +42,15 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """A Llama-style decoder built from config with ``transformers`` (no download)."""
 
-    arch: Literal["llama"] = "llama"
-    hidden_size: int = Field(256, gt=0)
-    num_layers: int = Field(4, gt=0)
-    num_heads: int = Field(4, gt=0)
+    arch: Literal["llama"] = Field("llama", description="model family (transformers LlamaForCausalLM)")
+    hidden_size: int = Field(256, gt=0, description="model width")
+    num_layers: int = Field(4, gt=0, description="decoder layers")
+    num_heads: int = Field(4, gt=0, description="attention heads")
     num_kv_heads: int | None = Field(None, gt=0, description="None = same as num_heads")
-    intermediate_size: int = Field(688, gt=0)
+    intermediate_size: int = Field(688, gt=0, description="MLP width")
     vocab_size: int = Field(4096, gt=0, description="also the size the BPE tokenizer is trained to")
-    max_seq_len: int = Field(256, gt=0)
-    tie_embeddings: bool = True
+    max_seq_len: int = Field(256, gt=0, description="longest sequence the position embeddings cover")
+    tie_embeddings: bool = Field(True, description="share input and output embeddings")
     init_seed: int = Field(0, description="every peer builds the same initial parameters from it")
 
     @model_validator(mode="after")
@@ -72,15 +73,15 @@ class DataConfig(_Strict):
     path: str | None = Field(None, description="text_files: a folder; hf: dataset name or builder ('json')")
     name: str | None = Field(None, description="hf: dataset config name, e.g. 'en' for C4")
     data_files: list[str] | None = Field(None, description="hf: local files for builder datasets")
-    split: str = "train"
+    split: str = Field("train", description="hf: the split to train on")
     val_split: str | None = Field(None, description="hf: a separate validation split; else held out from train")
-    text_field: str = "text"
+    text_field: str = Field("text", description="hf: the column holding the text")
     tokenizer: str = Field("bpe", description="'bpe' trains a byte-level BPE locally; else a tokenizer path/name")
     tokenizer_train_chars: int = Field(20_000_000, gt=0, description="hf: characters used to train the BPE")
-    seq_len: int = Field(256, gt=1)
+    seq_len: int = Field(256, gt=1, description="tokens per training sequence")
     batch_size: int = Field(16, gt=0, description="sequences per inner step on every peer")
     val_fraction: float = Field(0.05, gt=0, lt=0.5, description="held out, never trained on")
-    val_batches: int = Field(4, gt=0)
+    val_batches: int = Field(4, gt=0, description="held-out batches the global parameters are evaluated on")
     num_shards: int = Field(64, gt=0, description="each peer trains on one shard chosen from its identity")
 
     @model_validator(mode="after")
@@ -93,13 +94,13 @@ class DataConfig(_Strict):
 class InnerConfig(_Strict):
     """Inner AdamW (DiLoCo defaults); its schedule is keyed to the global epoch."""
 
-    lr: float = Field(4e-4, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = Field(1000, ge=0)
+    lr: float = Field(4e-4, gt=0, description="peak inner AdamW learning rate")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    warmup_steps: int = Field(1000, ge=0, description="linear warmup, in global inner steps (epoch x H)")
     total_steps: int = Field(88_000, gt=0, description="length of the cosine decay, in global inner steps")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    grad_clip: float = Field(1.0, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="floor of the cosine, as a fraction of lr")
+    grad_clip: float = Field(1.0, gt=0, description="max gradient norm per inner step")
 
 
 class AveragingConfig(_Strict):
@@ -127,14 +128,16 @@ class RunConfig(_Strict):
     """Everything the swarm must agree on. Fingerprinted and checked on join."""
 
     name: str = Field("p2pdiloco", pattern=r"^[A-Za-z0-9_-]+$", description="the run's DHT namespace")
-    seed: int = 0
+    seed: int = Field(0, description="seeds data order (per shard); the model init has its own seed")
     inner_steps: int = Field(50, gt=0, description="H: inner AdamW steps per epoch")
-    outer_optimizer: Literal["nesterov", "sgd"] = "nesterov"
-    outer_lr: float = Field(0.7, gt=0)
-    outer_momentum: float = Field(0.9, ge=0, lt=1)
-    compression: Literal["none", "fp16", "blockwise8"] = "none"
-    target_group_size: int = Field(4, ge=1)
-    min_group_size: int = Field(2, ge=1)
+    outer_optimizer: Literal["nesterov", "sgd"] = Field("nesterov", description="nesterov (DiLoCo) or sgd (plain averaging)")
+    outer_lr: float = Field(0.7, gt=0, description="outer learning rate (DiLoCo: 0.7)")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="outer Nesterov momentum (DiLoCo: 0.9)")
+    compression: Literal["none", "fp16", "blockwise8"] = Field(
+        "none", description="pseudo-gradient codec on the wire: none (fp32), fp16, blockwise8 (bitsandbytes)"
+    )
+    target_group_size: int = Field(4, ge=1, description="largest all-reduce group; more peers form several groups")
+    min_group_size: int = Field(2, ge=1, description="smallest group a round may run with")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     inner: InnerConfig = InnerConfig()
@@ -168,11 +171,14 @@ class PeerConfig(_Strict):
     port: int = Field(0, ge=0, lt=65536, description="0 = any free port")
     public_host: str | None = Field(None, description="address other peers should dial (behind NAT/Docker)")
     identity: str | None = Field(None, description="private key file: a stable peer id across restarts")
-    cache_dir: str = Field("~/.cache/p2pdiloco", description="tokenizers and tokenized corpora")
+    cache_dir: str = Field(
+        default_factory=lambda: os.environ.get("P2PDILOCO_CACHE", "~/.cache/p2pdiloco"),
+        description="tokenizers and tokenized corpora (default: $P2PDILOCO_CACHE or ~/.cache/p2pdiloco)",
+    )
     eval_every: int = Field(1, ge=0, description="evaluate the global parameters every N epochs; 0 = never")
     bootstrap_s: float = Field(30.0, gt=0, description="wait for the DHT to start and reach initial peers")
     state_download_s: float = Field(60.0, gt=0, description="one attempt to download the swarm state")
-    state_download_attempts: int = Field(3, gt=0)
+    state_download_attempts: int = Field(3, gt=0, description="tries per catch-up before training on and retrying")
     heartbeat_s: float = Field(
         10.0, gt=0, description="republish this peer's progress this often; others drop it after 3 missed beats"
     )
@@ -258,3 +264,42 @@ def diff_keys(mine: dict[str, Any], theirs: dict[str, Any], prefix: str = "run")
         elif a != b:
             out.append(f"{prefix}.{key}: ours={a!r} swarm={b!r}")
     return out
+
+
+def reference_markdown() -> str:
+    """The config reference (docs/config.md), generated from the models' field descriptions."""
+    lines = ["# Config reference", "", "Generated from `p2pdiloco/config.py` (`python -m p2pdiloco.config > docs/config.md`).", ""]
+    lines += ["`[run]` must be identical on every peer of a run (it is fingerprinted); `[peer]` is each volunteer's own.", ""]
+    sections = [
+        ("run", RunConfig), ("run.model", ModelConfig), ("run.data", DataConfig), ("run.inner", InnerConfig),
+        ("run.averaging", AveragingConfig), ("peer", PeerConfig),
+    ]
+    for name, model in sections:
+        lines += [f"## `[{name}]`", "", (model.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "), ""]
+        lines += ["| key | default | meaning |", "|---|---|---|"]
+        for key, field in model.model_fields.items():
+            if isinstance(field.default, BaseModel):
+                continue
+            default = "(env or ~/.cache/p2pdiloco)" if field.default_factory else repr(field.default)
+            lines.append(f"| `{key}` | `{default}` | {field.description or ''} |")
+        lines.append("")
+    lines += [
+        "## Sizing the timeouts",
+        "",
+        "- `averaging.matchmaking_s`: a few seconds on a LAN; 10-15 s across continents. Peers that enter a round",
+        "  within this window land in one group.",
+        "- `averaging.allreduce_s`: about twice the time to send 2 x (pseudo-gradient bytes) over the slowest link",
+        "  of a group (fp32: 4 bytes/parameter; blockwise8: about 1). `next_chunk_s`: the longest silence tolerated",
+        "  from one member before it is dropped (and the round fails).",
+        "- `averaging.round_s`: the hard deadline of a whole round; at least 2 x matchmaking_s + allreduce_s.",
+        "- `averaging.wait_for_peers_s`: how long a peer that finished its inner phase waits for same-epoch peers",
+        "  still training; about the spread of epoch durations across peers.",
+        "- `peer.heartbeat_s`: a peer silent for 3 heartbeats is considered gone; keep it well below an epoch.",
+        "- `peer.state_download_s`: the time to download 2 x parameters x 4 bytes over this peer's link, doubled.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

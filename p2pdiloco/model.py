@@ -107,15 +107,20 @@ def parameter_digest(model: nn.Module) -> str:
     return f"{crc:08x}"
 
 
-def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device, bf16: bool) -> float:
-    """Mean causal-LM loss over equally shaped ``[B, T]`` token batches. Leaves the model in train mode."""
+def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device, bf16: bool,
+             micro_batch_size: int | None = None) -> float:
+    """Mean causal-LM loss over equally shaped ``[B, T]`` token batches. Leaves the model in train mode.
+
+    ``micro_batch_size`` splits each batch into chunks of that many rows (the GPU recipes'
+    validation batches do not fit in one forward pass).
+    """
     if not batches:
         raise ValueError("evaluate() needs at least one batch")
     model.eval()
@@ -123,8 +128,10 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
         total = torch.zeros((), device=device)
         for batch in batches:
             batch = batch.to(device, non_blocking=True)
-            with _autocast(device, bf16):
-                total += model(input_ids=batch, labels=batch).loss.float()
+            for part in batch.split(micro_batch_size or batch.shape[0]):
+                with autocast(device, bf16):
+                    loss = model(input_ids=part, labels=part).loss
+                total += loss.float() * (part.shape[0] / batch.shape[0])
         return total.item() / len(batches)
     finally:
         model.train()

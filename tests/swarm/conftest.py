@@ -90,18 +90,6 @@ class LocalSwarm:
         assert not leftovers, f"process groups still alive after stop: {leftovers}"
 
 
-@pytest.fixture(scope="session")
-def data_cache(tmp_path_factory) -> Path:
-    """Tokenizer and tokenized corpus of the test recipe, prepared once for all peers."""
-    from p2pdiloco import data
-    from p2pdiloco.config import load_recipe
-
-    cache = tmp_path_factory.mktemp("p2pdiloco-cache")
-    recipe = load_recipe(TEST_CONFIG)
-    data.prepare(recipe.run.data, recipe.run.model.vocab_size, cache)
-    return cache
-
-
 @pytest.fixture
 def local_swarm(tmp_path, data_cache):
     swarms = []

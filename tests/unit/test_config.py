@@ -69,3 +69,10 @@ def test_fingerprint_is_stable_and_ignores_peer_choices():
     c = load_recipe("test", ["run.outer_lr=0.5"])
     assert c.run.fingerprint() != a.run.fingerprint()
     assert diff_keys(c.run.canonical(), a.run.canonical()) == ["run.outer_lr: ours=0.5 swarm=0.7"]
+
+
+def test_config_reference_doc_is_up_to_date():
+    from p2pdiloco.config import reference_markdown
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+    assert doc.read_text() == reference_markdown(), "regenerate: python -m p2pdiloco.config > docs/config.md"

