@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from p2pdiloco import swarm
+from p2pdiloco.errors import SwarmError
 
 log = logging.getLogger("p2pdiloco")
 
@@ -52,7 +53,13 @@ def collect_status(peers: list[str], run: str | None, timeout: float) -> dict:
         else:
             found = dht.get(swarm.RUNS_KEY, latest=True, return_future=True).result(timeout=timeout)
             runs = sorted(str(k) for k in found.value) if found is not None and isinstance(found.value, dict) else []
-        return {name: [r.model_dump() for r in swarm.read_progress(dht, name, timeout).values()] for name in runs}
+        status = {}
+        for name in runs:
+            records = swarm.read_progress(dht, name, timeout)
+            if records is None:
+                raise SwarmError(f"could not read run '{name}' from the DHT within {timeout:.0f} s: try a larger --timeout")
+            status[name] = [r.model_dump() for r in records.values()]
+        return status
     finally:
         dht.shutdown()
 

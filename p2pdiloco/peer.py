@@ -133,21 +133,29 @@ class Peer:
             self._sync_with_swarm()
 
     def _average(self, delta: torch.Tensor, tokens: int, losses: list[float]):
-        """One round: a RoundResult (average in the averager's buffer), "alone", "behind" or None (retry)."""
+        """One round: a RoundResult (average in the averager's buffer), "alone", "behind" or None (retry).
+
+        A private outer step ("alone") only when no other live peer exists at all: a peer that is
+        merely behind or slow still belongs to the run, and stepping without it would fork the state.
+        """
         others = self._wait_for_peers_ready(tokens)
+        if others == "behind" or self.stop_requested.is_set():
+            return "behind"  # abandon: catch up, or leave without applying anything
         if others is None:
-            return "behind"
+            return None  # the DHT could not be read: not knowing who is there is not being alone
         if not others:
             return "alone"
+        ready = [p for p, r in others.items() if r.epoch == self.outer.epoch and r.ready]
+        if not ready:
+            log.info("epoch %d: %d live peer(s), none ready to average yet; training on", self.outer.epoch, len(others))
+            return None
         try:
             return self.averager.average(
-                delta, epoch=self.outer.epoch, weight=tokens, gather={"peer": self.peer_id}, expected_size=len(others) + 1
+                delta, epoch=self.outer.epoch, weight=tokens, gather={"peer": self.peer_id}, expected_size=len(ready) + 1
             )
         except AveragingFailed as e:
             log.warning("%s", e)
-            if self._swarm_epoch() > self.outer.epoch:
-                return "behind"
-            if self.stop_requested.is_set():
+            if self.stop_requested.is_set() or self._swarm_epoch() > self.outer.epoch:
                 return "behind"
             return None
 
@@ -184,34 +192,38 @@ class Peer:
         )
 
     # ---------------------------------------------------------------- the swarm's state
-    def _live_others(self) -> dict[str, swarm.Progress]:
+    def _live_others(self) -> dict[str, swarm.Progress] | None:
+        """Other live peers' records, or None if the DHT could not be read."""
         records = swarm.read_progress(self.dht, self.run_cfg.name, timeout=self.run_cfg.averaging.request_s * 2)
-        return {peer: r for peer, r in records.items() if peer != self.peer_id}
+        return None if records is None else {peer: r for peer, r in records.items() if peer != self.peer_id}
 
     def _swarm_epoch(self) -> int:
-        return max((r.epoch for r in self._live_others().values()), default=-1)
+        return max((r.epoch for r in (self._live_others() or {}).values()), default=-1)
 
-    def _wait_for_peers_ready(self, tokens: int) -> dict[str, swarm.Progress] | None:
-        """Wait (bounded) until every live peer at our epoch is ready to average; None if we are behind.
+    def _wait_for_peers_ready(self, tokens: int):
+        """Wait (bounded) for the live peers at or behind our epoch to be ready.
+
+        Returns their records, "behind" if a peer is ahead of us, or None if the DHT was unreadable.
 
         Lock-step DiLoCo: entering matchmaking together lets all same-epoch peers land in one group.
+        A peer behind us may be one that just finished the same round but has not published yet.
         """
         deadline = time.monotonic() + self.run_cfg.averaging.wait_for_peers_s
         self._publish(ready=True, tokens=tokens)
         while True:
             others = self._live_others()
-            if any(r.epoch > self.outer.epoch for r in others.values()):
-                return None
-            same = {p: r for p, r in others.items() if r.epoch == self.outer.epoch}
-            if all(r.ready for r in same.values()) or time.monotonic() > deadline or self.stop_requested.is_set():
-                return same
-            self.stop_requested.wait(0.5)  # poll the DHT: peers announce readiness there, not to us
+            if others is not None and any(r.epoch > self.outer.epoch for r in others.values()):
+                return "behind"
+            waiting = others is None or [r for r in others.values() if r.epoch < self.outer.epoch or not r.ready]
+            if not waiting or time.monotonic() > deadline or self.stop_requested.is_set():
+                return others
+            self.stop_requested.wait(0.2)  # poll the DHT: peers announce readiness there, not to us
 
     def _sync_with_swarm(self) -> None:
         """Download the swarm's state if it is ahead of ours or if ours is a minority fork."""
         others = self._live_others()
         if not others:
-            return
+            return  # alone, or the DHT is unreadable right now: nothing to catch up with
         epoch = max(r.epoch for r in others.values())
         if epoch < self.outer.epoch:
             return
@@ -268,7 +280,7 @@ class Peer:
             self.last_loss = loss
             self._publish(ready=False, tokens=tokens)
 
-    def _publish(self, *, ready: bool, tokens: int = 0, leaving: bool = False) -> None:
+    def _publish(self, *, ready: bool, tokens: int = 0, leaving: bool = False, wait: bool = False) -> None:
         record = swarm.Progress(
             peer=self.peer_id,
             epoch=self.outer.epoch,
@@ -281,7 +293,8 @@ class Peer:
             ready=ready,
             leaving=leaving,
         )
-        swarm.publish_progress(self.dht, self.run_cfg.name, record, ttl=3 * self.peer_cfg.heartbeat_s)
+        timeout = self.run_cfg.averaging.request_s if wait else None
+        swarm.publish_progress(self.dht, self.run_cfg.name, record, ttl=3 * self.peer_cfg.heartbeat_s, timeout=timeout)
         self.last_publish = time.monotonic()
 
     def _maybe_eval(self, force: bool = False) -> float | None:
@@ -318,9 +331,9 @@ class Peer:
     def close(self) -> None:
         """Announce leaving, stop the averager and the DHT (their child processes and p2pd)."""
         try:
-            self._publish(ready=False, leaving=True)
-        except Exception:
-            pass
+            self._publish(ready=False, leaving=True, wait=True)
+        except Exception as e:  # leaving without notice only costs others a few heartbeats
+            log.debug("could not announce leaving: %r", e)
         self.averager.shutdown()
         self.dht.shutdown()
 

@@ -51,7 +51,19 @@ class ProcessGroup:
         self.signal(signal.SIGKILL)  # children (DHT, averager, p2pd) of an exited peer too, if any linger
         code = self.proc.wait()
         self.log.close()
+        # Grandchildren are reaped by init, not by us: there is no event to wait on, so poll (bounded).
+        deadline = time.monotonic() + 10
+        while not self.gone() and time.monotonic() < deadline:
+            time.sleep(0.05)
         return code
+
+    def gone(self) -> bool:
+        """True when no process of the group is left (the leader's pid is the group id)."""
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
 
 
 def _cli() -> list[str]:

@@ -140,13 +140,17 @@ def maddrs_of(dht) -> list[str]:
     return [str(m) for m in dht.get_visible_maddrs()]
 
 
-def read_progress(dht, run: str, timeout: float = 10.0) -> dict[str, Progress]:
-    """Live progress records of the run, by peer id; malformed records are dropped."""
+def read_progress(dht, run: str, timeout: float = 10.0) -> dict[str, Progress] | None:
+    """Live progress records of the run, by peer id; malformed records are dropped.
+
+    Returns None when the DHT could not be read in time: "unknown" must never be mistaken for
+    "no other peer" (a peer that believes it is alone applies a private outer step).
+    """
     try:
         found = dht.get(progress_key(run), latest=True, return_future=True).result(timeout=timeout)
     except Exception as e:
-        log.debug("reading progress failed: %r", e)
-        return {}
+        log.warning("could not read the swarm's progress from the DHT: %r", e)
+        return None
     if found is None or not isinstance(found.value, dict):
         return {}
     records = {}
@@ -161,17 +165,20 @@ def read_progress(dht, run: str, timeout: float = 10.0) -> dict[str, Progress]:
     return records
 
 
-def publish_progress(dht, run: str, record: Progress, ttl: float) -> None:
-    """Store this peer's record (fire and forget: publishing must never stall training)."""
+def publish_progress(dht, run: str, record: Progress, ttl: float, timeout: float | None = None) -> None:
+    """Store this peer's record. Fire and forget unless ``timeout`` is given (publishing must never
+    stall training); with ``timeout``, wait up to that long for the store (used when leaving)."""
     from hivemind.utils import get_dht_time
 
-    dht.store(
+    future = dht.store(
         progress_key(run),
         subkey=record.peer,
         value=record.model_dump(),
         expiration_time=get_dht_time() + ttl,
         return_future=True,
     )
+    if timeout is not None:
+        future.result(timeout=timeout)
     dht.store(RUNS_KEY, subkey=run, value={"time": time.time()}, expiration_time=get_dht_time() + ttl, return_future=True)
 
 

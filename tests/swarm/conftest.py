@@ -6,7 +6,6 @@ stops every group and checks that nothing of it is left running.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -15,14 +14,6 @@ import pytest
 from p2pdiloco.simulate import ProcessGroup, _cli, read_metrics, start_coordinator
 
 TEST_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "test.toml")
-
-
-def group_is_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 class LocalSwarm:
@@ -70,6 +61,7 @@ class LocalSwarm:
         self.killed.add(index)
         self.peers[index].signal(signal.SIGKILL)
         self.peers[index].proc.wait(30)
+        self.peers[index].stop(grace=0)  # reaps, and waits until no process of the group is left
 
     def wait_exit(self, indices, timeout: float) -> list[int]:
         deadline = time.monotonic() + timeout
@@ -86,7 +78,7 @@ class LocalSwarm:
         for p in self.peers:
             p.stop(grace=10)
         self.coordinator.stop(grace=10)
-        leftovers = [p.proc.pid for p in [*self.peers, self.coordinator] if not group_is_gone(p.proc.pid)]
+        leftovers = [p.proc.pid for p in [*self.peers, self.coordinator] if not p.gone()]
         assert not leftovers, f"process groups still alive after stop: {leftovers}"
 
 

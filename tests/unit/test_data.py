@@ -148,7 +148,9 @@ def test_missing_corpus_errors_name_the_fix(tmp_path, monkeypatch):
 def test_next_batch_is_cheap(test_recipe, data_cache):
     import time
 
-    s = stream(load_recipe("tiny-cpu"), data_cache)
+    # tiny-cpu's batch shape (16 x 128) on the test corpus
+    s = stream(load_recipe("test", ["run.model.max_seq_len=128", "run.data.seq_len=128", "run.data.batch_size=16"]),
+               data_cache)
     s.next_batch()
     start = time.perf_counter()
     for _ in range(200):
@@ -205,6 +207,8 @@ def test_hf_state_dict_resumes_exactly(jsonl_file, data_cache, monkeypatch, by_f
 
 
 def test_c4_recipe_loader_on_local_json_files(c4_like_dir, tmp_path):
+    # exactly the override of the recipe's header; the corpus is tiny, so every batch of 512 x 1024
+    # tokens spans many passes over this peer's shard (1/64 of ~2k documents)
     recipe = load_recipe("c4-150m", ["run.data.path=json",
                                      f"run.data.data_files=[\"{c4_like_dir}/c4-train.*.json.gz\"]"])
     cfg = recipe.run.data

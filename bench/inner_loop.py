@@ -1,0 +1,122 @@
+"""Inner-loop overhead: p2pdiloco's inner step against a bare PyTorch training loop.
+
+    python bench/inner_loop.py                       # tiny-cpu, 1 thread
+    python bench/inner_loop.py --config test --steps 50 --rounds 7
+
+Both loops train the same model (same init) in one process, interleaved A B A B ... so that
+machine noise hits both alike; the table reports the median tokens/s over the rounds.
+
+  A  bare PyTorch: plain AdamW; forward, backward, clip, step, zero_grad on batches built beforehand.
+  B  p2pdiloco:    ``TokenStream.next_batch()`` + ``InnerOptimizer.step()``, exactly as a peer calls them.
+
+Target: B within 5 % of A (ratio B/A >= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from p2pdiloco.config import load_recipe  # noqa: E402
+from p2pdiloco.data import TokenStream  # noqa: E402
+from p2pdiloco.inner import InnerOptimizer  # noqa: E402
+from p2pdiloco.model import build_model, count_parameters, resolve_device, use_bf16  # noqa: E402
+
+TARGET = 0.95
+
+
+def bare_loop(model, batches, cfg, device, bf16):
+    """A: the loop anyone would write first."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for i in range(steps):
+            x = batches[i % len(batches)].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad()
+            loss.item()  # a real loop logs its loss
+        return time.perf_counter() - start
+
+    return run
+
+
+def p2pdiloco_loop(model, stream, cfg, device, bf16, micro):
+    """B: what a peer runs between two averaging rounds."""
+    inner = InnerOptimizer(model, cfg, device, bf16, micro)
+    step = [0]
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            inner.step(stream.next_batch(), step[0])
+            step[0] += 1
+        return time.perf_counter() - start
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="tiny-cpu", help="recipe name or TOML path (default: tiny-cpu)")
+    parser.add_argument("--steps", type=int, default=10, help="steps per loop per round")
+    parser.add_argument("--rounds", type=int, default=5, help="A/B rounds after one warm-up round")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--cache-dir", default=None, help="tokenizer/corpus cache (default: the recipe's)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.config, args.overrides)
+    run, peer = recipe.run, recipe.peer
+    device = resolve_device(peer)
+    bf16 = use_bf16(peer, device)
+    cache = Path(args.cache_dir or peer.cache_dir).expanduser()
+    stream = TokenStream(run.data, run.model.vocab_size, cache, shard_key="bench", seed=run.seed)
+    batches = [stream.next_batch() for _ in range(16)]  # A's pre-built batches, from the same data
+    model_a = build_model(run.model).to(device)
+    model_b = build_model(run.model).to(device)
+    loops = {
+        "A": bare_loop(model_a, batches, run.inner, device, bf16),
+        "B": p2pdiloco_loop(model_b, stream, run.inner, device, bf16, peer.micro_batch_size),
+    }
+    tokens = args.steps * run.data.batch_size * run.data.seq_len
+    print(f"config {args.config}: {count_parameters(model_a) / 1e6:.2f}M parameters, batch {run.data.batch_size} x "
+          f"{run.data.seq_len}, device {device}, bf16 {bf16}, threads {torch.get_num_threads()}, "
+          f"{args.steps} steps x {args.rounds} rounds (+1 warm-up)")
+    rates: dict[str, list[float]] = {"A": [], "B": []}
+    for r in range(args.rounds + 1):
+        for name, loop in loops.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = loop(args.steps)
+            if r > 0:
+                rates[name].append(tokens / seconds)
+    print()
+    print(f"{'loop':<26}{'tokens/s (median)':>18}{'s/step':>9}{'min':>9}{'max':>9}")
+    step_tokens = run.data.batch_size * run.data.seq_len
+    labels = {"A": "A bare PyTorch", "B": "B p2pdiloco inner loop"}
+    for name, values in rates.items():
+        med = statistics.median(values)
+        print(f"{labels[name]:<26}{med:>18,.0f}{step_tokens / med:>9.3f}{min(values):>9,.0f}{max(values):>9,.0f}")
+    ratio = statistics.median(rates["B"]) / statistics.median(rates["A"])
+    per_round = [b / a for a, b in zip(rates["A"], rates["B"])]
+    print()
+    print(f"ratio B/A (medians): {ratio:.3f}   per round: {' '.join(f'{x:.3f}' for x in per_round)}")
+    print(f"target: within 5 % (B/A >= {TARGET}): {'PASS' if ratio >= TARGET else 'FAIL'}")
+    stream.close()
+
+
+if __name__ == "__main__":
+    main()
