@@ -41,9 +41,14 @@ class ProcessGroup:
             pass
 
     def stop(self, grace: float = 15.0) -> int:
-        """SIGTERM (the peer leaves cleanly), then SIGKILL of the whole group after ``grace`` seconds."""
+        """SIGTERM to the main process (the peer finishes its round and leaves), then SIGKILL of the
+        whole group after ``grace`` seconds.
+
+        SIGTERM goes to the main process only: signalling the group would also kill hivemind's DHT
+        and averager processes and ``p2pd``, which the peer still needs to leave cleanly.
+        """
         if self.alive():
-            self.signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(grace)
         except subprocess.TimeoutExpired:
