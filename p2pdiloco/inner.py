@@ -56,10 +56,10 @@ class InnerOptimizer:
         no_decay = [p for p in self.params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        # fused AdamW runs the whole update in one kernel on CUDA; on CPU the foreach path is as fast
-        fused = device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, lr=lr_at(cfg, 0), betas=cfg.betas, fused=fused,
-                                           foreach=None if fused else True)
+        # fused AdamW updates each parameter in one pass with no temporaries (the foreach path
+        # allocates model-sized intermediates every step); torch has it for CUDA and CPU
+        fused = device.type in ("cuda", "cpu")
+        self.optimizer = torch.optim.AdamW(groups, lr=lr_at(cfg, 0), betas=cfg.betas, fused=fused or None)
         self.last_grad_norm: torch.Tensor | None = None  # pre-clip norm of the last step, on device
 
     def lr_at(self, global_step: int) -> float:

@@ -14,6 +14,7 @@ peer applies an outer step on its own delta only when it is alone in the run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import signal
@@ -32,6 +33,8 @@ from p2pdiloco.outer import OuterState, flatten_parameters, load_flat_parameters
 
 log = logging.getLogger("p2pdiloco")
 
+CONFIG_TTL_S = 3600.0  # the run config record's lifetime; every peer refreshes it each epoch
+
 
 class Peer:
     """One volunteer: DHT + averager + model + data, driven by :meth:`run`."""
@@ -45,7 +48,7 @@ class Peer:
         metrics_file: str | None = None,
         export_dir: str | None = None,
     ):
-        from p2pdiloco import data, inner, model
+        from p2pdiloco import data
 
         initial_peers = swarm.validate_multiaddrs(initial_peers)
         self.run_cfg, self.peer_cfg = run, peer = recipe.run, recipe.peer
@@ -68,15 +71,31 @@ class Peer:
             timeout=peer.bootstrap_s,
         )
         self.peer_id = str(self.dht.peer_id)
-        joined = swarm.check_fingerprint(self.dht, run.name, self.fingerprint, run.canonical(), ttl=3600)
-        log.info("peer %s %s run '%s' (config %s)", self.short_id, "joined" if joined else "started", run.name, self.fingerprint)
+        try:
+            self._build(run, peer, cache)
+        except BaseException:
+            self.dht.shutdown()  # a refused or failed start leaves no DHT process or p2pd behind
+            raise
+        self.last_publish = 0.0
+        self.tokens_per_s = 0.0
+        self.last_loss: float | None = None
+        self.last_val: float | None = None
 
+    def _build(self, run, peer, cache: Path) -> None:
+        from p2pdiloco import data, inner, model
+
+        joined = swarm.check_fingerprint(self.dht, run.name, self.fingerprint, run.canonical(), ttl=CONFIG_TTL_S)
+        log.info("peer %s %s run '%s' (config %s)", self.short_id, "joined" if joined else "started", run.name, self.fingerprint)
         self.device = model.resolve_device(peer)
         self.bf16 = model.use_bf16(peer, self.device)
         self.model = model.build_model(run.model).to(self.device)
-        self.evaluate = lambda: model.evaluate(self.model, self.val_batches, self.device, self.bf16)
+        self.evaluate = lambda: model.evaluate(
+            self.model, self.val_batches, self.device, self.bf16, micro_batch_size=peer.micro_batch_size
+        )
         self.inner = inner.InnerOptimizer(self.model, run.inner, self.device, self.bf16, peer.micro_batch_size)
-        self.stream = data.TokenStream(run.data, run.model.vocab_size, cache, shard_key=self.peer_id, seed=run.seed)
+        # Two peers may draw the same shard; mixing the peer id into the order keeps their batches apart.
+        order_seed = run.seed ^ int(hashlib.sha256(self.peer_id.encode()).hexdigest()[:8], 16)
+        self.stream = data.TokenStream(run.data, run.model.vocab_size, cache, shard_key=self.peer_id, seed=order_seed)
         self.val_batches = self.stream.val_batches()
         self.outer = OuterState(
             flatten_parameters(self.model), optimizer=run.outer_optimizer, lr=run.outer_lr, momentum=run.outer_momentum
@@ -91,10 +110,6 @@ class Peer:
             min_group_size=run.min_group_size,
             state_fn=self._serve_state,
         )
-        self.last_publish = 0.0
-        self.tokens_per_s = 0.0
-        self.last_loss: float | None = None
-        self.last_val: float | None = None
 
     @property
     def short_id(self) -> str:
@@ -318,6 +333,7 @@ class Peer:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(fields) + "\n")
         self._publish(ready=False)
+        swarm.publish_config(self.dht, self.run_cfg.name, self.fingerprint, self.run_cfg.canonical(), CONFIG_TTL_S)
 
     def export(self, out_dir: str) -> None:
         """Save the global parameters as a Hugging Face model folder (``save_pretrained``) with its tokenizer."""

@@ -188,11 +188,12 @@ def check_fingerprint(dht, run: str, fingerprint: str, canonical: dict, ttl: flo
     Returns True if the run's config was already published (the run exists), False if this peer
     is the first. Raises :class:`ConfigMismatch` listing the differing keys.
     """
-    from hivemind.utils import get_dht_time
-
     from p2pdiloco.config import diff_keys
 
-    found = dht.get(config_key(run), latest=True, return_future=True).result(timeout=timeout)
+    try:
+        found = dht.get(config_key(run), latest=True, return_future=True).result(timeout=timeout)
+    except Exception as e:
+        raise SwarmError(f"could not read run '{run}' from the DHT within {timeout:.0f} s ({e!r}): check --peers") from None
     existing = found.value if found is not None and isinstance(found.value, dict) else None
     if existing and existing.get("fingerprint") != fingerprint:
         theirs = existing.get("config") if isinstance(existing.get("config"), dict) else {}
@@ -201,10 +202,17 @@ def check_fingerprint(dht, run: str, fingerprint: str, canonical: dict, ttl: flo
             f"this config (fingerprint {fingerprint}) differs from run '{run}' (fingerprint "
             f"{existing.get('fingerprint')}) in: {'; '.join(diffs[:8])}: use the run's recipe, or another run.name"
         )
-    dht.store(
+    publish_config(dht, run, fingerprint, canonical, ttl).result(timeout=timeout)  # so a peer starting next sees it
+    return existing is not None
+
+
+def publish_config(dht, run: str, fingerprint: str, canonical: dict, ttl: float):
+    """(Re)publish the run config record; peers refresh it every epoch so it outlives any one of them."""
+    from hivemind.utils import get_dht_time
+
+    return dht.store(
         config_key(run),
         {"fingerprint": fingerprint, "config": canonical},
         expiration_time=get_dht_time() + ttl,
         return_future=True,
-    ).result(timeout=timeout)
-    return existing is not None
+    )

@@ -53,11 +53,16 @@ def test_simulate_writes_a_consistent_summary_plot_and_model(tmp_path, data_cach
     assert model.num_parameters() > 0 and len(tokenizer("To be or not to be")["input_ids"]) > 0
 
 
-def test_join_refuses_a_different_run_config_naming_the_keys(tmp_path, data_cache):
+def test_status_lists_the_peer_and_join_refuses_a_different_config(tmp_path, data_cache):
     coord, addrs = start_coordinator(tmp_path, timeout=60)
     first = _join(tmp_path, 0, addrs, data_cache, "--max-epochs", "50")
     try:
         _wait_for(lambda: read_metrics(tmp_path / "peer0.jsonl"), 120, "the first peer to start")
+        status = subprocess.run([*_cli(), "status", "--peers", addrs[0], "--json"], capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stderr[-2000:]
+        records = json.loads(status.stdout)["test"]
+        assert [r["peer"] for r in records] == [read_metrics(tmp_path / "peer0.jsonl")[0]["peer"]]
+        assert records[0]["epoch"] >= 0 and records[0]["state_hash"]
         r = subprocess.run(
             [*_cli(), "join", TEST_CONFIG, "--peers", addrs[0], "--set", "run.outer_lr=0.5", "--set", f'peer.cache_dir="{data_cache}"'],
             capture_output=True,
