@@ -77,6 +77,7 @@ class Peer:
             self.dht.shutdown()  # a refused or failed start leaves no DHT process or p2pd behind
             raise
         self.last_publish = 0.0
+        self.visible_since: float | None = None  # when this peer's first progress record was published
         self.tokens_per_s = 0.0
         self.last_loss: float | None = None
         self.last_val: float | None = None
@@ -229,7 +230,11 @@ class Peer:
             others = self._live_others()
             if others is not None and any(r.epoch > self.outer.epoch for r in others.values()):
                 return "behind"
-            waiting = others is None or [r for r in others.values() if r.epoch < self.outer.epoch or not r.ready]
+            # "Alone" only after we have been visible in the DHT for a heartbeat: a peer that started
+            # at the same moment is then visible to us, or sees us (two simultaneous starters
+            # must not both conclude they are alone and fork).
+            unconfirmed_alone = others == {} and time.monotonic() < self.visible_since + self.peer_cfg.heartbeat_s
+            waiting = others is None or unconfirmed_alone or [r for r in others.values() if r.epoch < self.outer.epoch or not r.ready]
             if not waiting or time.monotonic() > deadline or self.stop_requested.is_set():
                 return others
             self.stop_requested.wait(0.2)  # poll the DHT: peers announce readiness there, not to us
@@ -311,6 +316,8 @@ class Peer:
         timeout = self.run_cfg.averaging.request_s if wait else None
         swarm.publish_progress(self.dht, self.run_cfg.name, record, ttl=3 * self.peer_cfg.heartbeat_s, timeout=timeout)
         self.last_publish = time.monotonic()
+        if self.visible_since is None:
+            self.visible_since = self.last_publish
 
     def _maybe_eval(self, force: bool = False) -> float | None:
         every = self.peer_cfg.eval_every

@@ -183,12 +183,11 @@ def print_table(summary: dict) -> None:
     console = Console()
     console.print(table)
     verdict = "[green]consistent[/]" if summary["consistent"] else "[red]NOT consistent[/]"
-    console.print(
-        f"{verdict}: every peer held the same state at every epoch; validation loss "
-        f"{summary['val_loss_initial']} -> {summary['val_loss_final']}"
-        if summary["consistent"]
-        else f"{verdict}: some epochs have differing states (see summary.json)"
-    )
+    val = " -> ".join(f"{v:.3f}" for v in (summary["val_loss_initial"], summary["val_loss_final"]) if v is not None)
+    if summary["consistent"]:
+        console.print(f"{verdict}: every peer held the same state at every epoch; validation loss {val or 'not evaluated'}")
+    else:
+        console.print(f"{verdict}: some epochs have differing states (see summary.json)")
 
 
 def default_timeout(recipe, epochs: int, num_peers: int) -> float:
