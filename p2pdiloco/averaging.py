@@ -375,5 +375,11 @@ class PseudoGradientAverager:
         return result
 
     def shutdown(self) -> None:
+        from p2pdiloco.swarm import ensure_stopped
+
         if self._averager.is_alive():
-            self._averager.shutdown()
+            try:
+                self._averager.shutdown()
+            except Exception as e:
+                log.debug("averager shutdown: %r", e)
+        ensure_stopped(self._averager)

@@ -41,7 +41,7 @@ def run_coordinator(
         stop.wait()
         print("coordinator: stopping", flush=True)
     finally:
-        dht.shutdown()
+        swarm.stop_dht(dht)
 
 
 def collect_status(peers: list[str], run: str | None, timeout: float) -> dict:
@@ -61,7 +61,7 @@ def collect_status(peers: list[str], run: str | None, timeout: float) -> dict:
             status[name] = [r.model_dump() for r in records.values()]
         return status
     finally:
-        dht.shutdown()
+        swarm.stop_dht(dht)
 
 
 def print_status(peers: list[str], *, run: str | None, as_json: bool, timeout: float) -> None:

@@ -74,7 +74,7 @@ class Peer:
         try:
             self._build(run, peer, cache)
         except BaseException:
-            self.dht.shutdown()  # a refused or failed start leaves no DHT process or p2pd behind
+            swarm.stop_dht(self.dht)  # a refused or failed start leaves no DHT process or p2pd behind
             raise
         self.last_publish = 0.0
         self.visible_since: float | None = None  # when this peer's first progress record was published
@@ -358,7 +358,7 @@ class Peer:
         except Exception as e:  # leaving without notice only costs others a few heartbeats
             log.debug("could not announce leaving: %r", e)
         self.averager.shutdown()
-        self.dht.shutdown()
+        swarm.stop_dht(self.dht)
 
 
 def run_peer(recipe: Recipe, **kwargs) -> int:

@@ -120,6 +120,35 @@ def _kill_dht(dht) -> None:
             dht.join(5)
     except Exception:  # the DHT may never have started
         pass
+    ensure_stopped(dht)
+
+
+def ensure_stopped(process, timeout: float = 5.0) -> None:
+    """SIGKILL a hivemind child process (DHT or averager) still alive ``timeout`` s after its shutdown.
+
+    After a terminal's Ctrl+C has killed ``p2pd`` (SIGINT reaches the whole process group),
+    hivemind's own shutdown can leave its child running, and Python's exit would wait on it forever.
+    """
+    import os
+    import signal
+
+    try:
+        process.join(timeout)
+        if process.is_alive():
+            log.warning("%s did not stop within %.0f s: killing it", type(process).__name__, timeout)
+            os.kill(process.pid, signal.SIGKILL)
+            process.join(timeout)
+    except (AssertionError, ValueError, ProcessLookupError):  # never started, or already reaped
+        pass
+
+
+def stop_dht(dht) -> None:
+    """Stop the DHT process and its ``p2pd`` daemon, bounded in time."""
+    try:
+        dht.shutdown()
+    except Exception as e:
+        log.debug("DHT shutdown: %r", e)
+    ensure_stopped(dht)
 
 
 def _explain_dht_failure(err: Exception, peers: Sequence[str], host: str, port: int, timeout: float) -> str:
