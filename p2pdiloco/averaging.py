@@ -47,6 +47,7 @@ from hivemind.compression import (
 )
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
+from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 from hivemind.utils.streaming import combine_from_streaming
 
@@ -178,8 +179,9 @@ class ConsistentAllReduceRunner(AllReduceRunner):
 
 @dataclasses.dataclass
 class RoundResult:
-    """What one successful round produced (the average itself is left in the buffer)."""
+    """What one successful round produced."""
 
+    average: torch.Tensor  # the weighted mean, byte-identical on every member of the group
     group: list[str]  # peer ids of the members, in the group's order
     gathered: dict[str, Any]  # peer id -> what that member passed as ``gather``
     seconds: float
@@ -283,14 +285,10 @@ class PseudoGradientAverager:
         state_fn: Callable[[], tuple[dict, Sequence[torch.Tensor]]],
         client_mode: bool = False,
     ):
-        from hivemind.utils import MPFuture
-
-        self._MPFuture = MPFuture
         self.cfg = cfg
         self.target_group_size = target_group_size
-        self.buffer = torch.zeros(size, dtype=torch.float32)
         self._averager = _Averager(
-            [self.buffer],
+            [torch.zeros(size, dtype=torch.float32)],  # moved to shared memory; read and written under its lock
             dht,
             start=True,
             prefix=prefix,
@@ -307,7 +305,6 @@ class PseudoGradientAverager:
             declare_state_period=max(cfg.matchmaking_s, 5.0),
             shutdown_timeout=cfg.next_chunk_s,
         )
-        self.buffer = self._averager._averaged_tensors[0]  # the shared-memory tensor the averager reads
 
     @property
     def peer_id(self) -> str:
@@ -320,19 +317,24 @@ class PseudoGradientAverager:
     def average(
         self, pseudo_gradient: torch.Tensor, *, epoch: int, weight: float, gather: dict, expected_size: int | None = None
     ) -> RoundResult:
-        """All-reduce ``pseudo_gradient`` with peers at ``epoch``; return with the average in ``self.buffer``.
+        """All-reduce ``pseudo_gradient`` with the peers at ``epoch``; the result holds the average.
 
         ``expected_size`` (at most the run's target group size): how many peers are known to be
         ready for this epoch, so the group starts as soon as they all joined.
 
         Raises :class:`AveragingFailed` if no group formed, a member failed, the result was partial,
-        or the deadline ``cfg.round_s`` passed. On failure the buffer's content is undefined.
+        or the deadline ``cfg.round_s`` passed.
         """
         cfg = self.cfg
         with self._averager.get_tensors() as (buffer,):
             buffer.copy_(pseudo_gradient)
-        self._averager.set_group_bits(format(epoch % 2**16, "016b"))
-        self._call("_set_expected_group_size", size=min(expected_size or self.target_group_size, self.target_group_size))
+        if not self._averager.is_alive():
+            raise AveragingFailed("the averager process is not running")
+        try:  # hivemind's own setters wait without a bound: go through _call
+            self._call("_set_group_bits", group_bits=format(epoch % 2**16, "016b"))  # same-epoch peers only
+            self._call("_set_expected_group_size", size=min(expected_size or self.target_group_size, self.target_group_size))
+        except Exception as e:
+            raise AveragingFailed(f"the averager did not answer: {e!r}") from None
         before = self._averager.traffic.clone()
         started = time.monotonic()
         control = self._averager.step(
@@ -350,7 +352,10 @@ class PseudoGradientAverager:
         if epochs != {epoch}:
             raise AveragingFailed(f"group mixed epochs {sorted(map(str, epochs))}; round discarded")
         traffic = self._averager.traffic - before
+        with self._averager.get_tensors() as (buffer,):
+            average = buffer.clone()
         return RoundResult(
+            average=average,
             group=sorted(gathered),
             gathered=gathered,
             seconds=time.monotonic() - started,
@@ -360,7 +365,7 @@ class PseudoGradientAverager:
 
     def _call(self, method: str, timeout: float | None = None, **kwargs):
         """Run an async method of the averager in its process and wait (bounded) for its result."""
-        future = self._MPFuture()
+        future = MPFuture()
         self._averager._outer_pipe.send((method, [], dict(kwargs, future=future)))
         return future.result(timeout=timeout or self.cfg.request_s)
 

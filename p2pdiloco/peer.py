@@ -140,7 +140,7 @@ class Peer:
                     log.error("pseudo-gradient has NaN/Inf: discarding this epoch's work and re-syncing")
                     self._load_global_into_model()
                     break
-                result = self._average(delta, tokens, losses)
+                result = self._average(delta, tokens)
                 if result == "behind":
                     break  # the swarm moved on; _sync_with_swarm downloads its state next
                 if result is not None:
@@ -148,8 +148,8 @@ class Peer:
                     break
             self._sync_with_swarm()
 
-    def _average(self, delta: torch.Tensor, tokens: int, losses: list[float]):
-        """One round: a RoundResult (average in the averager's buffer), "alone", "behind" or None (retry).
+    def _average(self, delta: torch.Tensor, tokens: int):
+        """One round: a RoundResult (with the average), "alone", "behind" or None (retry).
 
         A private outer step ("alone") only when no other live peer exists at all: a peer that is
         merely behind or slow still belongs to the run, and stepping without it would fork the state.
@@ -177,8 +177,7 @@ class Peer:
 
     def _outer_step(self, result, delta, tokens, losses, compute_s, t_epoch) -> None:
         if isinstance(result, RoundResult):
-            averaged = self.averager.buffer.clone()
-            group, event = result, "outer_step"
+            averaged, group, event = result.average, result, "outer_step"
         else:
             averaged, group, event = delta, None, "solo_step"  # alone in the run: our delta is the swarm's average
             log.info("no other peer in the run: applying this peer's own pseudo-gradient")

@@ -33,7 +33,7 @@ def main() -> None:
     vector = torch.randn(SIZE, generator=gen) * (rank + 1)
     try:
         result = avg.average(vector, epoch=7, weight=rank + 1, gather={"rank": rank}, expected_size=3)
-        torch.save({"input": vector, "average": avg.buffer.clone(), "group": result.group, "sent": result.bytes_sent,
+        torch.save({"input": vector, "average": result.average, "group": result.group, "sent": result.bytes_sent,
                     "received": result.bytes_received}, out)
     except AveragingFailed as e:
         torch.save({"error": str(e)}, out)
