@@ -87,6 +87,9 @@ def join(
     host: Optional[str] = typer.Option(None, help="Listen address (peer.host); 0.0.0.0 to accept remote peers."),
     public_host: Optional[str] = typer.Option(None, help="Address others should dial (peer.public_host)."),
     identity: Optional[Path] = typer.Option(None, help="Private key file for a stable peer id (peer.identity)."),
+    checkpoint_dir: Optional[Path] = typer.Option(
+        None, help="Checkpoint here every epoch and on exit; resume from it on restart (peer.checkpoint_dir)."
+    ),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     log_level: str = typer.Option("info", envvar="P2PDILOCO_LOG_LEVEL"),
 ) -> None:
@@ -95,7 +98,8 @@ def join(
     from p2pdiloco.config import load_recipe
 
     overrides = list(set_)
-    for key, value in (("port", port), ("host", host), ("public_host", public_host), ("identity", identity)):
+    flags = (("port", port), ("host", host), ("public_host", public_host), ("identity", identity), ("checkpoint_dir", checkpoint_dir))
+    for key, value in flags:
         if value is not None:
             overrides.append(f"peer.{key}={value!s}" if key == "port" else f'peer.{key}="{value!s}"')
     try:

@@ -176,6 +176,10 @@ class PeerConfig(_Strict):
         description="tokenizers and tokenized corpora (default: $P2PDILOCO_CACHE or ~/.cache/p2pdiloco)",
     )
     eval_every: int = Field(1, ge=0, description="evaluate the global parameters every N epochs; 0 = never")
+    checkpoint_dir: str | None = Field(
+        None, description="save this peer's state here (atomically) and resume from it on restart; None = off"
+    )
+    checkpoint_every: int = Field(1, gt=0, description="epochs between checkpoints (one is also saved on exit)")
     bootstrap_s: float = Field(30.0, gt=0, description="wait for the DHT to start and reach initial peers")
     state_download_s: float = Field(60.0, gt=0, description="one attempt to download the swarm state")
     state_download_attempts: int = Field(3, gt=0, description="tries per catch-up before training on and retrying")

@@ -31,6 +31,12 @@ class DataError(P2PDilocoError):
     exit_code = 5
 
 
+class CheckpointError(P2PDilocoError):
+    """A checkpoint that cannot be used: unreadable, or made with another run config."""
+
+    exit_code = 6
+
+
 class AveragingFailed(Exception):
     """A round did not produce a complete, consistent average (never applied)."""
 

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from p2pdiloco import swarm
+from p2pdiloco import checkpoint, swarm
 from p2pdiloco.averaging import PseudoGradientAverager, RoundResult
 from p2pdiloco.config import Recipe
-from p2pdiloco.errors import AveragingFailed, StateDownloadFailed
+from p2pdiloco.errors import AveragingFailed, CheckpointError, StateDownloadFailed
 from p2pdiloco.outer import OuterState, flatten_parameters, load_flat_parameters
 
 log = logging.getLogger("p2pdiloco")
@@ -71,6 +71,7 @@ class Peer:
             timeout=peer.bootstrap_s,
         )
         self.peer_id = str(self.dht.peer_id)
+        self.resumed_epoch: int | None = None
         try:
             self._build(run, peer, cache)
         except BaseException:
@@ -111,6 +112,39 @@ class Peer:
             min_group_size=run.min_group_size,
             state_fn=self._serve_state,
         )
+        if peer.checkpoint_dir:
+            self._resume(peer.checkpoint_dir)
+
+    def _resume(self, directory: str) -> None:
+        """Continue from this peer's own checkpoint, if it has one (the swarm is still asked first)."""
+        state = checkpoint.load(directory, fingerprint=self.fingerprint, size=self.outer.size)
+        if state is None:
+            return
+        self.outer.load(state["epoch"], state["params"], state["momentum"])
+        if self.outer.digest() != state["state_hash"]:
+            raise CheckpointError(f"checkpoint in {directory} fails its digest check: move it away to start fresh")
+        self.inner.load_state_dict(state["inner"])
+        try:
+            self.stream.load_state_dict(state["data"])
+        except ValueError:  # another peer id (no --identity) reads another shard: start that one afresh
+            log.info("data position not restored: this peer id reads another shard (use --identity to keep it)")
+        self._load_global_into_model()
+        self.resumed_epoch = self.outer.epoch
+        log.info("resumed from %s at epoch %d", checkpoint.checkpoint_path(directory), self.outer.epoch)
+
+    def save_checkpoint(self, level: int = logging.DEBUG) -> None:
+        """Write the global state, inner optimizer and data position (atomically)."""
+        with self.state_lock:
+            state = dict(
+                fingerprint=self.fingerprint,
+                epoch=self.outer.epoch,
+                state_hash=self.outer.digest(),
+                params=self.outer.params.clone(),
+                momentum=self.outer.momentum_buffer.clone(),
+            )
+        state.update(inner=self.inner.state_dict(), data=self.stream.state_dict())
+        path = checkpoint.save(self.peer_cfg.checkpoint_dir, state)
+        log.log(level, "checkpoint of epoch %d saved to %s", state["epoch"], path)
 
     @property
     def short_id(self) -> str:
@@ -119,7 +153,9 @@ class Peer:
     # ---------------------------------------------------------------- the loop
     def run(self) -> None:
         run = self.run_cfg
-        self._sync_with_swarm()
+        if self.resumed_epoch is not None:
+            self._record(dict(epoch=self.outer.epoch, event="resumed"))
+        self._sync_with_swarm()  # a resumed peer downloads the newer state if the swarm moved on
         if self.outer.epoch == 0:
             self._record(dict(epoch=0, event="start", val_loss=self._maybe_eval(force=True)))
         while not self._done():
@@ -205,6 +241,8 @@ class Peer:
                 val_loss=self._maybe_eval(),
             )
         )
+        if self.peer_cfg.checkpoint_dir and self.outer.epoch % self.peer_cfg.checkpoint_every == 0:
+            self.save_checkpoint()
 
     # ---------------------------------------------------------------- the swarm's state
     def _live_others(self) -> dict[str, swarm.Progress] | None:
@@ -375,5 +413,9 @@ def run_peer(recipe: Recipe, **kwargs) -> int:
         if peer.export_dir:
             peer.export(peer.export_dir)
     finally:
-        peer.close()
+        try:
+            if recipe.peer.checkpoint_dir:
+                peer.save_checkpoint(logging.INFO)  # on every exit, Ctrl+C and SIGTERM included
+        finally:
+            peer.close()
     return peer.outer.epoch
