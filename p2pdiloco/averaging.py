@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -129,6 +130,8 @@ class ConsistentAllReduceRunner(AllReduceRunner):
             ):
                 if part_index >= expected or averaged.shape != self._expected_shape(peer_index, part_index):
                     raise AllreduceException(f"{peer_id} sent a part of the wrong size")
+                if not torch.isfinite(averaged).all():
+                    raise AllreduceException(f"{peer_id} sent a non-finite average")
                 self.traffic[RECEIVED] += size
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
                 part_index += 1
@@ -175,6 +178,12 @@ class ConsistentAllReduceRunner(AllReduceRunner):
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+def group_bits(epoch: int, state_hash: str) -> str:
+    """16 matchmaking bits from the epoch and the state digest: peers meet only their own state."""
+    digest = hashlib.sha256(f"{epoch}:{state_hash}".encode()).digest()
+    return format(int.from_bytes(digest[:2], "big"), "016b")
 
 
 @dataclasses.dataclass
@@ -315,12 +324,22 @@ class PseudoGradientAverager:
         self._averager.state_sharing_priority = float(epoch)
 
     def average(
-        self, pseudo_gradient: torch.Tensor, *, epoch: int, weight: float, gather: dict, expected_size: int | None = None
+        self,
+        pseudo_gradient: torch.Tensor,
+        *,
+        epoch: int,
+        state_hash: str,
+        weight: float,
+        gather: dict,
+        expected_size: int | None = None,
     ) -> RoundResult:
-        """All-reduce ``pseudo_gradient`` with the peers at ``epoch``; the result holds the average.
+        """All-reduce ``pseudo_gradient`` with the peers holding the same state (``epoch``,
+        ``state_hash``); the result holds the average.
 
+        The matchmaking key is derived from both, and every member checks the others' gathered
+        values, so peers on different forks of the same epoch never average together.
         ``expected_size`` (at most the run's target group size): how many peers are known to be
-        ready for this epoch, so the group starts as soon as they all joined.
+        ready for this state, so the group starts as soon as they all joined.
 
         Raises :class:`AveragingFailed` if no group formed, a member failed, the result was partial,
         or the deadline ``cfg.round_s`` passed.
@@ -331,14 +350,14 @@ class PseudoGradientAverager:
         if not self._averager.is_alive():
             raise AveragingFailed("the averager process is not running")
         try:  # hivemind's own setters wait without a bound: go through _call
-            self._call("_set_group_bits", group_bits=format(epoch % 2**16, "016b"))  # same-epoch peers only
+            self._call("_set_group_bits", group_bits=group_bits(epoch, state_hash))  # same state only
             self._call("_set_expected_group_size", size=min(expected_size or self.target_group_size, self.target_group_size))
         except Exception as e:
             raise AveragingFailed(f"the averager did not answer: {e!r}") from None
         before = self._averager.traffic.clone()
         started = time.monotonic()
         control = self._averager.step(
-            gather=dict(gather, epoch=epoch), weight=float(weight), timeout=2 * cfg.matchmaking_s, wait=False
+            gather=dict(gather, epoch=epoch, state_hash=state_hash), weight=float(weight), timeout=2 * cfg.matchmaking_s, wait=False
         )
         try:
             gathered = control.result(timeout=cfg.round_s)
@@ -348,9 +367,9 @@ class PseudoGradientAverager:
         if not gathered:
             raise AveragingFailed(f"round of epoch {epoch} failed: no group")
         gathered = {peer.to_base58(): data for peer, data in gathered.items()}
-        epochs = {data.get("epoch") if isinstance(data, dict) else None for data in gathered.values()}
-        if epochs != {epoch}:
-            raise AveragingFailed(f"group mixed epochs {sorted(map(str, epochs))}; round discarded")
+        states = {(data.get("epoch"), data.get("state_hash")) if isinstance(data, dict) else None for data in gathered.values()}
+        if states != {(epoch, state_hash)}:
+            raise AveragingFailed(f"group mixed states {sorted(map(str, states))}; round discarded")
         traffic = self._averager.traffic - before
         with self._averager.get_tensors() as (buffer,):
             average = buffer.clone()

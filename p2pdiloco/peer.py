@@ -197,13 +197,19 @@ class Peer:
             return None  # the DHT could not be read: not knowing who is there is not being alone
         if not others:
             return "alone"
-        ready = [p for p, r in others.items() if r.epoch == self.outer.epoch and r.ready]
+        digest = self.outer.digest()
+        ready = [p for p, r in others.items() if r.epoch == self.outer.epoch and r.state_hash == digest and r.ready]
         if not ready:
             log.info("epoch %d: %d live peer(s), none ready to average yet; training on", self.outer.epoch, len(others))
             return None
         try:
             return self.averager.average(
-                delta, epoch=self.outer.epoch, weight=tokens, gather={"peer": self.peer_id}, expected_size=len(ready) + 1
+                delta,
+                epoch=self.outer.epoch,
+                state_hash=self.outer.digest(),
+                weight=tokens,
+                gather={"peer": self.peer_id},
+                expected_size=len(ready) + 1,
             )
         except AveragingFailed as e:
             log.warning("%s", e)
@@ -265,8 +271,10 @@ class Peer:
         self._publish(ready=True, tokens=tokens)
         while True:
             others = self._live_others()
-            if others is not None and any(r.epoch > self.outer.epoch for r in others.values()):
-                return "behind"
+            if others is not None and (
+                any(r.epoch > self.outer.epoch for r in others.values()) or self._winning_state(others) != self.outer.digest()
+            ):
+                return "behind"  # ahead of us, or the same epoch on another fork that wins: download it
             # "Alone" only after we have been visible in the DHT for a heartbeat: a peer that started
             # at the same moment is then visible to us, or sees us (two simultaneous starters
             # must not both conclude they are alone and fork).
@@ -284,19 +292,27 @@ class Peer:
         epoch = max(r.epoch for r in others.values())
         if epoch < self.outer.epoch:
             return
-        hashes = Counter(r.state_hash for r in others.values() if r.epoch == epoch)
-        if epoch == self.outer.epoch:
-            hashes[self.outer.digest()] += 1
-        # The majority's state wins; a tie goes to the smallest digest (the same rule on every peer).
-        target_hash = min(hashes, key=lambda h: (-hashes[h], h))
+        target_hash = self._winning_state(others, epoch)
         if epoch == self.outer.epoch and target_hash == self.outer.digest():
             return
         donors = sorted(p for p, r in others.items() if r.epoch == epoch and r.state_hash == target_hash)
-        reason = "behind" if epoch > self.outer.epoch else "on a minority fork"
+        reason = "behind" if epoch > self.outer.epoch else "fork"
         log.info("epoch %d, swarm at %d (%s): downloading the state from %d peer(s)", self.outer.epoch, epoch, reason, len(donors))
-        self._download_state(donors, min_epoch=epoch)
+        self._download_state(donors, min_epoch=epoch, reason=reason)
 
-    def _download_state(self, donors: list[str], min_epoch: int) -> None:
+    def _winning_state(self, others: dict[str, swarm.Progress], epoch: int | None = None) -> str:
+        """The state digest the swarm converges on at ``epoch`` (default: ours).
+
+        Two groups at one epoch apply different averages (a fork). The rule, applied by every peer
+        to the same records: the digest held by the most peers wins; a tie goes to the smallest.
+        """
+        epoch = self.outer.epoch if epoch is None else epoch
+        hashes = Counter(r.state_hash for r in others.values() if r.epoch == epoch)
+        if epoch == self.outer.epoch:
+            hashes[self.outer.digest()] += 1
+        return min(hashes, key=lambda h: (-hashes[h], h))
+
+    def _download_state(self, donors: list[str], min_epoch: int, reason: str) -> None:
         cfg = self.peer_cfg
         for attempt in range(cfg.state_download_attempts):
             try:
@@ -311,7 +327,9 @@ class Peer:
                         raise StateDownloadFailed(f"{donor} served a state whose digest does not match")
                 self.averager.set_state_priority(self.outer.epoch)
                 self._load_global_into_model()
-                self._record(dict(epoch=self.outer.epoch, event="downloaded", state_hash=meta["state_hash"], donor=donor))
+                self._record(
+                    dict(epoch=self.outer.epoch, event="downloaded", reason=reason, state_hash=meta["state_hash"], donor=donor)
+                )
                 log.info("now at epoch %d (state from %s)", self.outer.epoch, donor[-6:])
                 return
             except StateDownloadFailed as e:

@@ -8,6 +8,8 @@ others with it.
 """
 
 import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -29,10 +31,17 @@ def main() -> None:
         dht, SIZE, prefix="avgtest", cfg=cfg, compression=compression, target_group_size=4, min_group_size=3,
         state_fn=lambda: ({}, []),
     )
+    # Barrier: start the round only once all three averagers are up, however slow the machine.
+    ready = Path(out).with_suffix(".ready")
+    ready.touch()
+    deadline = time.monotonic() + 120
+    while len(list(ready.parent.glob("*.ready"))) < 3:
+        assert time.monotonic() < deadline, "the other workers never came up"
+        time.sleep(0.1)
     gen = torch.Generator().manual_seed(rank)
     vector = torch.randn(SIZE, generator=gen) * (rank + 1)
     try:
-        result = avg.average(vector, epoch=7, weight=rank + 1, gather={"rank": rank}, expected_size=3)
+        result = avg.average(vector, epoch=7, state_hash="same", weight=rank + 1, gather={"rank": rank}, expected_size=3)
         torch.save({"input": vector, "average": result.average, "group": result.group, "sent": result.bytes_sent,
                     "received": result.bytes_received}, out)
     except AveragingFailed as e:

@@ -40,6 +40,10 @@ class LocalSwarm:
     def metrics(self, index: int) -> list[dict]:
         return read_metrics(self.metrics_path(index))
 
+    def metrics_of(self, peer_id: str) -> list[dict]:
+        """The records of the peer with this id, whichever process index wrote them."""
+        return [r for i in range(len(self.peers)) for r in self.metrics(i) if r["peer"] == peer_id]
+
     def epoch(self, index: int) -> int:
         return max((r["epoch"] for r in self.metrics(index)), default=-1)
 
