@@ -37,6 +37,18 @@ class CheckpointError(P2PDilocoError):
     exit_code = 6
 
 
+class OutOfMemory(P2PDilocoError):
+    """The inner step does not fit in this peer's memory."""
+
+    exit_code = 7
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for CUDA's OutOfMemoryError and the CPU allocator's "can't allocate memory"."""
+    text = str(err).lower()
+    return type(err).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
+
+
 class AveragingFailed(Exception):
     """A round did not produce a complete, consistent average (never applied)."""
 

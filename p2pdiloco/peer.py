@@ -28,7 +28,7 @@ import torch
 from p2pdiloco import checkpoint, swarm
 from p2pdiloco.averaging import PseudoGradientAverager, RoundResult
 from p2pdiloco.config import Recipe
-from p2pdiloco.errors import AveragingFailed, CheckpointError, StateDownloadFailed
+from p2pdiloco.errors import AveragingFailed, CheckpointError, OutOfMemory, StateDownloadFailed, is_out_of_memory
 from p2pdiloco.outer import OuterState, flatten_parameters, load_flat_parameters
 
 log = logging.getLogger("p2pdiloco")
@@ -164,7 +164,7 @@ class Peer:
                 t0 = time.monotonic()
                 for _ in range(run.inner_steps):
                     step = self.outer.epoch * run.inner_steps + len(losses)
-                    losses.append(self.inner.step(self.stream.next_batch().to(self.device), step))
+                    losses.append(self._inner_step(step))
                     tokens += run.data.batch_size * run.data.seq_len
                     self._heartbeat(losses[-1], tokens, compute_s + time.monotonic() - t0)
                     if self.stop_requested.is_set():
@@ -183,6 +183,18 @@ class Peer:
                     self._outer_step(result, delta, tokens, losses, compute_s, t_epoch)
                     break
             self._sync_with_swarm()
+
+    def _inner_step(self, step: int) -> float:
+        try:
+            return self.inner.step(self.stream.next_batch().to(self.device), step)
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            rows = self.peer_cfg.micro_batch_size or self.run_cfg.data.batch_size
+            raise OutOfMemory(
+                f"out of memory in an inner step on {self.device} ({rows} sequences of {self.run_cfg.data.seq_len} "
+                f"tokens at once): set a smaller micro-batch, e.g. --set peer.micro_batch_size={max(1, rows // 2)}"
+            ) from None
 
     def _average(self, delta: torch.Tensor, tokens: int):
         """One round: a RoundResult (with the average), "alone", "behind" or None (retry).
