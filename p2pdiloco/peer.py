@@ -121,7 +121,7 @@ class Peer:
         if state is None:
             return
         self.outer.load(state["epoch"], state["params"], state["momentum"])
-        if self.outer.digest() != state["state_hash"]:
+        if self.outer.state_hash != state["state_hash"]:
             raise CheckpointError(f"checkpoint in {directory} fails its digest check: move it away to start fresh")
         self.inner.load_state_dict(state["inner"])
         try:
@@ -138,7 +138,7 @@ class Peer:
             state = dict(
                 fingerprint=self.fingerprint,
                 epoch=self.outer.epoch,
-                state_hash=self.outer.digest(),
+                state_hash=self.outer.state_hash,
                 params=self.outer.params.clone(),
                 momentum=self.outer.momentum_buffer.clone(),
             )
@@ -202,14 +202,14 @@ class Peer:
         A private outer step ("alone") only when no other live peer exists at all: a peer that is
         merely behind or slow still belongs to the run, and stepping without it would fork the state.
         """
-        others = self._wait_for_peers_ready(tokens)
+        others = self._wait_for_peers_ready()
         if others == "behind" or self.stop_requested.is_set():
             return "behind"  # abandon: catch up, or leave without applying anything
         if others is None:
             return None  # the DHT could not be read: not knowing who is there is not being alone
         if not others:
             return "alone"
-        digest = self.outer.digest()
+        digest = self.outer.state_hash
         ready = [p for p, r in others.items() if r.epoch == self.outer.epoch and r.state_hash == digest and r.ready]
         if not ready:
             log.info("epoch %d: %d live peer(s), none ready to average yet; training on", self.outer.epoch, len(others))
@@ -218,7 +218,7 @@ class Peer:
             return self.averager.average(
                 delta,
                 epoch=self.outer.epoch,
-                state_hash=self.outer.digest(),
+                state_hash=self.outer.state_hash,
                 weight=tokens,
                 gather={"peer": self.peer_id},
                 expected_size=len(ready) + 1,
@@ -237,7 +237,7 @@ class Peer:
             log.info("no other peer in the run: applying this peer's own pseudo-gradient")
         with self.state_lock:
             self.outer.step(averaged)
-            digest = self.outer.digest()
+            digest = self.outer.state_hash
         self.averager.set_state_priority(self.outer.epoch)
         self._load_global_into_model()
         self.last_loss = sum(losses) / len(losses)
@@ -271,7 +271,7 @@ class Peer:
     def _swarm_epoch(self) -> int:
         return max((r.epoch for r in (self._live_others() or {}).values()), default=-1)
 
-    def _wait_for_peers_ready(self, tokens: int):
+    def _wait_for_peers_ready(self):
         """Wait (bounded) for the live peers at or behind our epoch to be ready.
 
         Returns their records, "behind" if a peer is ahead of us, or None if the DHT was unreadable.
@@ -280,11 +280,11 @@ class Peer:
         A peer behind us may be one that just finished the same round but has not published yet.
         """
         deadline = time.monotonic() + self.run_cfg.averaging.wait_for_peers_s
-        self._publish(ready=True, tokens=tokens)
+        self._publish(ready=True)
         while True:
             others = self._live_others()
             if others is not None and (
-                any(r.epoch > self.outer.epoch for r in others.values()) or self._winning_state(others) != self.outer.digest()
+                any(r.epoch > self.outer.epoch for r in others.values()) or self._winning_state(others) != self.outer.state_hash
             ):
                 return "behind"  # ahead of us, or the same epoch on another fork that wins: download it
             # "Alone" only after we have been visible in the DHT for a heartbeat: a peer that started
@@ -305,7 +305,7 @@ class Peer:
         if epoch < self.outer.epoch:
             return
         target_hash = self._winning_state(others, epoch)
-        if epoch == self.outer.epoch and target_hash == self.outer.digest():
+        if epoch == self.outer.epoch and target_hash == self.outer.state_hash:
             return
         donors = sorted(p for p, r in others.items() if r.epoch == epoch and r.state_hash == target_hash)
         reason = "behind" if epoch > self.outer.epoch else "fork"
@@ -321,7 +321,7 @@ class Peer:
         epoch = self.outer.epoch if epoch is None else epoch
         hashes = Counter(r.state_hash for r in others.values() if r.epoch == epoch)
         if epoch == self.outer.epoch:
-            hashes[self.outer.digest()] += 1
+            hashes[self.outer.state_hash] += 1
         return min(hashes, key=lambda h: (-hashes[h], h))
 
     def _download_state(self, donors: list[str], min_epoch: int, reason: str) -> None:
@@ -335,7 +335,7 @@ class Peer:
                     raise StateDownloadFailed(f"{donor} served an older or malformed state")
                 with self.state_lock:
                     self.outer.load(meta["epoch"], *tensors)
-                    if self.outer.digest() != meta.get("state_hash"):
+                    if self.outer.state_hash != meta.get("state_hash"):
                         raise StateDownloadFailed(f"{donor} served a state whose digest does not match")
                 self.averager.set_state_priority(self.outer.epoch)
                 self._load_global_into_model()
@@ -350,7 +350,7 @@ class Peer:
 
     def _serve_state(self):
         with self.state_lock:
-            meta = dict(epoch=self.outer.epoch, state_hash=self.outer.digest(), fingerprint=self.fingerprint)
+            meta = dict(epoch=self.outer.epoch, state_hash=self.outer.state_hash, fingerprint=self.fingerprint)
             return meta, [t.clone() for t in self.outer.tensors()]
 
     def _load_global_into_model(self) -> None:
@@ -365,13 +365,13 @@ class Peer:
             self.tokens_per_s = tokens / compute_s
         if time.monotonic() - self.last_publish > self.peer_cfg.heartbeat_s:
             self.last_loss = loss
-            self._publish(ready=False, tokens=tokens)
+            self._publish(ready=False)
 
-    def _publish(self, *, ready: bool, tokens: int = 0, leaving: bool = False, wait: bool = False) -> None:
+    def _publish(self, *, ready: bool, leaving: bool = False, wait: bool = False) -> None:
         record = swarm.Progress(
             peer=self.peer_id,
             epoch=self.outer.epoch,
-            state_hash=self.outer.digest(),
+            state_hash=self.outer.state_hash,
             tokens_per_s=self.tokens_per_s,
             train_loss=self.last_loss,
             val_loss=self.last_val,
@@ -388,7 +388,7 @@ class Peer:
 
     def _maybe_eval(self, force: bool = False) -> float | None:
         every = self.peer_cfg.eval_every
-        if force and every or every and self.outer.epoch % every == 0:
+        if every and (force or self.outer.epoch % every == 0):
             self.last_val = self.evaluate()
             return self.last_val
         return None
@@ -396,7 +396,7 @@ class Peer:
     def _record(self, fields: dict) -> None:
         fields = dict(peer=self.peer_id, time=time.time(), **fields)
         if fields.get("state_hash") is None:
-            fields["state_hash"] = self.outer.digest()
+            fields["state_hash"] = self.outer.state_hash
         parts = [f"epoch {fields['epoch']:>3}", fields.get("event", "")]
         for key, fmt in (("train_loss", "loss {:.3f}"), ("val_loss", "val {:.3f}"), ("group_size", "group {}"),
                          ("allreduce_s", "allreduce {:.2f}s"), ("compute_s", "compute {:.1f}s")):

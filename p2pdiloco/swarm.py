@@ -108,19 +108,9 @@ def start_dht(
     try:
         dht.run_in_background(await_ready=True, timeout=timeout)
     except Exception as e:
-        _kill_dht(dht)
+        ensure_stopped(dht, timeout=0)  # a DHT that failed to start has nothing to shut down cleanly
         raise SwarmError(_explain_dht_failure(e, initial_peers, host, port, timeout)) from None
     return dht
-
-
-def _kill_dht(dht) -> None:
-    try:
-        if dht.is_alive():
-            dht.terminate()
-            dht.join(5)
-    except Exception:  # the DHT may never have started
-        pass
-    ensure_stopped(dht)
 
 
 def ensure_stopped(process, timeout: float = 5.0) -> None:
@@ -135,9 +125,10 @@ def ensure_stopped(process, timeout: float = 5.0) -> None:
     try:
         process.join(timeout)
         if process.is_alive():
-            log.warning("%s did not stop within %.0f s: killing it", type(process).__name__, timeout)
+            if timeout:
+                log.warning("%s did not stop within %.0f s: killing it", type(process).__name__, timeout)
             os.kill(process.pid, signal.SIGKILL)
-            process.join(timeout)
+            process.join(5.0)  # SIGKILL cannot be ignored: this only waits for the kernel to reap it
     except (AssertionError, ValueError, ProcessLookupError):  # never started, or already reaped
         pass
 

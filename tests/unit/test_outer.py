@@ -61,3 +61,13 @@ def test_flat_parameters_round_trip_with_tied_weights():
     assert flat.numel() == 40
     load_flat_parameters(model, flat * 2)
     torch.testing.assert_close(flatten_parameters(model), flat * 2)
+
+
+def test_state_hash_is_the_digest_and_follows_step_and_load():
+    state = OuterState(torch.zeros(8), optimizer="nesterov", lr=0.7, momentum=0.9)
+    assert state.state_hash == state.digest()
+    state.step(torch.ones(8))
+    assert state.state_hash == state.digest()
+    other = OuterState(torch.zeros(8), optimizer="nesterov", lr=0.7, momentum=0.9)
+    other.load(state.epoch, state.params.clone(), state.momentum_buffer.clone())
+    assert other.state_hash == state.state_hash
