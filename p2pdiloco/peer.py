@@ -77,11 +77,15 @@ class Peer:
         except BaseException:
             swarm.stop_dht(self.dht)  # a refused or failed start leaves no DHT process or p2pd behind
             raise
-        self.last_publish = 0.0
+        self.ready = False  # published: this peer finished its inner phase and waits to average
+        self.heartbeat_stop = threading.Event()
+        self.publish_lock = threading.Lock()  # records reach the DHT in the order they were made
+        self.heartbeat_thread: threading.Thread | None = None
         self.visible_since: float | None = None  # when this peer's first progress record was published
         self.tokens_per_s = 0.0
         self.last_loss: float | None = None
         self.last_val: float | None = None
+        self.last_round: tuple[int, list[str], float] | None = None  # (epoch reached, group, when)
 
     def _build(self, run, peer, cache: Path) -> None:
         from p2pdiloco import data, inner, model
@@ -153,6 +157,7 @@ class Peer:
     # ---------------------------------------------------------------- the loop
     def run(self) -> None:
         run = self.run_cfg
+        self._start_heartbeat()
         if self.resumed_epoch is not None:
             self._record(dict(epoch=self.outer.epoch, event="resumed"))
         self._sync_with_swarm()  # a resumed peer downloads the newer state if the swarm moved on
@@ -166,7 +171,7 @@ class Peer:
                     step = self.outer.epoch * run.inner_steps + len(losses)
                     losses.append(self._inner_step(step))
                     tokens += run.data.batch_size * run.data.seq_len
-                    self._heartbeat(losses[-1], tokens, compute_s + time.monotonic() - t0)
+                    self._note_progress(losses[-1], tokens, compute_s + time.monotonic() - t0)
                     if self.stop_requested.is_set():
                         return
                 compute_s += time.monotonic() - t0
@@ -240,6 +245,8 @@ class Peer:
             digest = self.outer.state_hash
         self.averager.set_state_priority(self.outer.epoch)
         self._load_global_into_model()
+        if group:
+            self.last_round = (self.outer.epoch, group.group, time.monotonic())
         self.last_loss = sum(losses) / len(losses)
         self._record(
             dict(
@@ -360,31 +367,58 @@ class Peer:
     def _done(self) -> bool:
         return self.stop_requested.is_set() or (self.max_epochs is not None and self.outer.epoch >= self.max_epochs)
 
-    def _heartbeat(self, loss: float, tokens: int, compute_s: float) -> None:
+    def _note_progress(self, loss: float, tokens: int, compute_s: float) -> None:
         if compute_s > 0:
             self.tokens_per_s = tokens / compute_s
-        if time.monotonic() - self.last_publish > self.peer_cfg.heartbeat_s:
-            self.last_loss = loss
-            self._publish(ready=False)
+        self.last_loss, self.ready = loss, False
 
-    def _publish(self, *, ready: bool, leaving: bool = False, wait: bool = False) -> None:
+    def _start_heartbeat(self) -> None:
+        """Publish this peer's record every ``heartbeat_s`` from a thread of its own.
+
+        The record's lifetime is 3 heartbeats, so it must be refreshed however long the main loop
+        spends in one place (a round, an evaluation, a state download): otherwise a peer busy in
+        a slow round looks dead, and a newcomer that sees nobody would step alone and fork the
+        run. Only a dead or frozen process stops refreshing it.
+        """
+        def beat():
+            while not self.heartbeat_stop.wait(self.peer_cfg.heartbeat_s):
+                try:
+                    self._publish()
+                except Exception as e:  # the next beat tries again; a dead DHT shows up elsewhere
+                    log.debug("heartbeat: %r", e)
+
+        self._publish(ready=False)
+        self.heartbeat_thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        self.heartbeat_thread.start()
+
+    def _publish(self, *, ready: bool | None = None, leaving: bool = False, wait: bool = False) -> None:
+        """Store this peer's progress record (``ready``: None keeps the current flag)."""
+        with self.publish_lock:
+            self._publish_locked(ready, leaving, wait)
+
+    def _publish_locked(self, ready: bool | None, leaving: bool, wait: bool) -> None:
+        # Called from the loop and from the heartbeat thread: hivemind's DHT client sends each
+        # request as one small message on its pipe (its averager process shares that pipe too).
+        if ready is not None:
+            self.ready = ready
+        with self.state_lock:  # epoch and digest of the same state
+            epoch, digest = self.outer.epoch, self.outer.state_hash
         record = swarm.Progress(
             peer=self.peer_id,
-            epoch=self.outer.epoch,
-            state_hash=self.outer.state_hash,
+            epoch=epoch,
+            state_hash=digest,
             tokens_per_s=self.tokens_per_s,
             train_loss=self.last_loss,
             val_loss=self.last_val,
             shard=self.stream.shard,
             time=time.time(),
-            ready=ready,
+            ready=self.ready,
             leaving=leaving,
         )
         timeout = self.run_cfg.averaging.request_s if wait else None
         swarm.publish_progress(self.dht, self.run_cfg.name, record, ttl=3 * self.peer_cfg.heartbeat_s, timeout=timeout)
-        self.last_publish = time.monotonic()
         if self.visible_since is None:
-            self.visible_since = self.last_publish
+            self.visible_since = time.monotonic()
 
     def _maybe_eval(self, force: bool = False) -> float | None:
         every = self.peer_cfg.eval_every
@@ -418,8 +452,35 @@ class Peer:
         data.load_tokenizer(self.run_cfg.data, self.run_cfg.model.vocab_size, Path(self.peer_cfg.cache_dir).expanduser()).save_pretrained(out_dir)
         log.info("exported the global model of epoch %d to %s", self.outer.epoch, out_dir)
 
+    def _let_last_group_finish(self) -> None:
+        """Wait until the members of our last round have its result, bounded by ``next_chunk_s``.
+
+        A member may still be reading our reducer's reply when we finish: stopping p2pd then
+        drops those bytes and fails that member's round (seen on loaded machines at the last
+        epoch of a run, when every peer stops right after its round). Members show they are done
+        by publishing the new epoch (or leaving).
+        """
+        if self.last_round is None:
+            return
+        epoch, group, finished = self.last_round
+        deadline = finished + self.run_cfg.averaging.next_chunk_s
+        pending = set(group) - {self.peer_id}
+        while pending and time.monotonic() < deadline:
+            others = self._live_others()
+            if others is not None:  # a member whose record expired has died: nothing to wait for
+                pending = {p for p in pending if p in others and others[p].epoch < epoch and not others[p].leaving}
+            if pending:
+                time.sleep(0.2)
+
     def close(self) -> None:
-        """Announce leaving, stop the averager and the DHT (their child processes and p2pd)."""
+        """Let the last group finish, announce leaving, stop the averager and the DHT (and p2pd)."""
+        try:
+            self._let_last_group_finish()
+        except Exception as e:
+            log.debug("waiting for the last group: %r", e)
+        self.heartbeat_stop.set()
+        if self.heartbeat_thread is not None:
+            self.heartbeat_thread.join(timeout=self.run_cfg.averaging.request_s + 1)
         try:
             self._publish(ready=False, leaving=True, wait=True)
         except Exception as e:  # leaving without notice only costs others a few heartbeats

@@ -24,7 +24,7 @@ def _run_group(tmp_path, compression):
         for i in (1, 2):
             procs.append(subprocess.Popen([sys.executable, str(WORKER), str(outs[i]), str(i), compression, addr], start_new_session=True))
         for p in procs:
-            assert p.wait(timeout=120) == 0
+            assert p.wait(timeout=200) == 0
     finally:
         for p in procs:
             if p.poll() is None:
