@@ -52,6 +52,7 @@ from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 from hivemind.utils.streaming import combine_from_streaming
 
+from p2pdiloco import faults
 from p2pdiloco.config import AveragingConfig
 from p2pdiloco.errors import AveragingFailed, StateDownloadFailed
 
@@ -80,9 +81,11 @@ class ConsistentAllReduceRunner(AllReduceRunner):
     runner (in the averager process) adds to; the host process reads it after the round.
     """
 
-    def __init__(self, *, traffic: torch.Tensor, **kwargs):
+    def __init__(self, *, traffic: torch.Tensor, offender: Callable[[PeerID, str], None], **kwargs):
         super().__init__(**kwargs)
-        self.traffic = traffic
+        self.traffic, self.offender = traffic, offender
+        self.excluded: set[PeerID] = set()  # senders this reducer left out for non-finite values
+        self._fault_point_passed = False
         container = self.tensor_part_container
         container.return_deltas = False  # outputs are averages, and a failed slice keeps local values...
         me = self.ordered_peer_ids.index(self.peer_id)
@@ -121,18 +124,21 @@ class ConsistentAllReduceRunner(AllReduceRunner):
             def decode(msg: averaging_pb2.AveragingData):
                 if msg.code != averaging_pb2.AVERAGED_PART:
                     raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
-                return deserialize_torch_tensor(msg.tensor_part), msg.ByteSize()
+                return deserialize_torch_tensor(msg.tensor_part), msg.ByteSize(), msg.peer_id
 
             part_index = 0
             expected = self.tensor_part_container.num_parts_by_peer[peer_index]
-            async for averaged, size in amap_in_executor(
+            async for averaged, size, excluded in amap_in_executor(
                 decode, aiter_with_timeout(stream, self.reducer_timeout), max_prefetch=self.tensor_part_container.prefetch
             ):
                 if part_index >= expected or averaged.shape != self._expected_shape(peer_index, part_index):
                     raise AllreduceException(f"{peer_id} sent a part of the wrong size")
                 if not torch.isfinite(averaged).all():
+                    self.offender(peer_id, "sent a non-finite average")
                     raise AllreduceException(f"{peer_id} sent a non-finite average")
                 self.traffic[RECEIVED] += size
+                for offender in self._excluded_by_reducer(excluded):
+                    self.offender(offender, f"was left out by {peer_id} for sending non-finite values")
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
                 part_index += 1
             if part_index != expected:
@@ -143,6 +149,14 @@ class ConsistentAllReduceRunner(AllReduceRunner):
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
 
+    def _excluded_by_reducer(self, field: bytes) -> list[PeerID]:
+        """Members a reducer reported as left out of its average (a malformed list is ignored)."""
+        try:
+            found = [PeerID.from_base58(p) for p in field.decode().split(",") if p]
+        except Exception:
+            return []
+        return [p for p in found if p in self.sender_peer_ids and p != self.peer_id]
+
     def _expected_shape(self, peer_index: int, part_index: int) -> torch.Size:
         return self.tensor_part_container._input_parts_by_peer[peer_index][part_index][0].shape
 
@@ -150,6 +164,9 @@ class ConsistentAllReduceRunner(AllReduceRunner):
         async for message in super()._generate_input_for_peer(peer_index):
             self.traffic[SENT] += message.ByteSize()
             yield message
+            if not self._fault_point_passed:  # once per round: our first part is on its way
+                self._fault_point_passed = True
+                faults.reached("allreduce")
 
     async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
         part_index = 0
@@ -165,13 +182,18 @@ class ConsistentAllReduceRunner(AllReduceRunner):
                 if part_index >= len(expected_shapes) or part.shape != expected_shapes[part_index]:
                     raise AllreduceException(f"sender {sender_index} sent a part of the wrong size")
                 if not (weight > 0 and torch.isfinite(part).all()):
+                    self.excluded.add(self.sender_peer_ids[sender_index])
+                    self.offender(self.sender_peer_ids[sender_index], "sent a non-finite pseudo-gradient or weight")
                     raise AllreduceException(f"sender {sender_index} sent a non-finite part or weight")
                 try:
                     averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part, weight=weight)
                 except BannedException:
                     break
                 serialized = await loop.run_in_executor(None, self._serialize_average, part_index, averaged)
-                reply = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+                # The otherwise unused peer_id field tells every member whom this average left out,
+                # so all of them exclude the offender from later groups, not only this reducer.
+                excluded = ",".join(sorted(p.to_base58() for p in self.excluded)).encode()
+                reply = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized, peer_id=excluded)
                 self.traffic[SENT] += reply.ByteSize()
                 part_index += 1
                 yield reply
@@ -204,12 +226,41 @@ class _Averager(DecentralizedAverager):
     def __init__(self, *args, state_fn: Callable[[], tuple[dict, Sequence[torch.Tensor]]], **kwargs):
         self.traffic = torch.zeros(2, dtype=torch.float64).share_memory_()
         self._state_fn = state_fn
+        self._banned: set[PeerID] = set()  # lives in the averager process, where rounds run
         super().__init__(*args, **kwargs)
+
+    def _ban(self, peer_id: PeerID, reason: str) -> None:
+        """Refuse ``peer_id`` in every later group of this run (called by the runner).
+
+        A p2pdiloco peer checks its own pseudo-gradient before sending it, so non-finite values on
+        the wire come from a broken or hostile peer. Its current round fails (its slice of the
+        average is unusable); hivemind retries the round at once, and the retry forms a group
+        without it, so the honest peers still average this epoch.
+        """
+        if peer_id not in self._banned:
+            log.warning("peer %s %s: excluded from this peer's groups for the rest of the run", peer_id, reason)
+            self._banned.add(peer_id)
+        matchmaking = self._matchmaking
+        if getattr(matchmaking, "_p2pdiloco_bans", False):
+            return
+        check, join = matchmaking._check_reasons_to_reject, matchmaking._request_join_group
+
+        def check_reasons_to_reject(request, context):  # as a leader: refuse a banned follower
+            if context.remote_id in self._banned:
+                return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return check(request, context)
+
+        async def request_join_group(leader):  # as a follower: never follow a banned leader
+            return None if leader in self._banned else await join(leader)
+
+        matchmaking._check_reasons_to_reject, matchmaking._request_join_group = check_reasons_to_reject, request_join_group
+        matchmaking._p2pdiloco_bans = True
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
         runner = ConsistentAllReduceRunner(
             traffic=self.traffic,
+            offender=self._ban,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -226,6 +277,13 @@ class _Averager(DecentralizedAverager):
             raise AllreduceException(f"partial all-reduce: {runner.failed_values()} values missing, round discarded")
         for tensor, averaged in zip(tensors, results):
             tensor.copy_(averaged)
+
+    async def _ban_by_host(self, peer: str, reason: str, future) -> None:
+        self._ban(PeerID.from_base58(peer), reason)
+        future.set_result(None)
+
+    async def _list_banned(self, future) -> None:
+        future.set_result(sorted(p.to_base58() for p in self._banned))
 
     async def _set_expected_group_size(self, size: int, future) -> None:
         """Form the group as soon as ``size`` members joined instead of waiting min_matchmaking_time."""
@@ -319,6 +377,14 @@ class PseudoGradientAverager:
     def peer_id(self) -> str:
         return self._averager.peer_id.to_base58()
 
+    def ban(self, peer: str, reason: str) -> None:
+        """Refuse ``peer`` in this peer's groups for the rest of the run (logged with ``reason``)."""
+        self._call("_ban_by_host", peer=peer, reason=reason)
+
+    def banned(self) -> list[str]:
+        """Peers this peer's averager refuses: those that sent non-finite values, or were banned."""
+        return self._call("_list_banned")
+
     def set_state_priority(self, epoch: int) -> None:
         """Newcomers try donors with the highest epoch first."""
         self._averager.state_sharing_priority = float(epoch)
@@ -347,6 +413,8 @@ class PseudoGradientAverager:
         cfg = self.cfg
         with self._averager.get_tensors() as (buffer,):
             buffer.copy_(pseudo_gradient)
+            if faults.reached("send") == "nan":
+                buffer.fill_(float("nan"))
         if not self._averager.is_alive():
             raise AveragingFailed("the averager process is not running")
         try:  # hivemind's own setters wait without a bound: go through _call
@@ -359,6 +427,7 @@ class PseudoGradientAverager:
         control = self._averager.step(
             gather=dict(gather, epoch=epoch, state_hash=state_hash), weight=float(weight), timeout=2 * cfg.matchmaking_s, wait=False
         )
+        faults.reached("matchmaking")
         try:
             gathered = control.result(timeout=cfg.round_s)
         except Exception as e:
@@ -373,6 +442,8 @@ class PseudoGradientAverager:
         traffic = self._averager.traffic - before
         with self._averager.get_tensors() as (buffer,):
             average = buffer.clone()
+        if not torch.isfinite(average).all():  # e.g. our own slice, if we were the one sending NaN
+            raise AveragingFailed(f"round of epoch {epoch} produced non-finite values; round discarded")
         return RoundResult(
             average=average,
             group=sorted(gathered),

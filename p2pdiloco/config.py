@@ -186,6 +186,13 @@ class PeerConfig(_Strict):
     heartbeat_s: float = Field(
         10.0, gt=0, description="republish this peer's progress this often; others drop it after 3 missed beats"
     )
+    rebootstrap_s: float = Field(
+        10.0, gt=0, description="re-contact initial peers missing from the DHT routing table this often (after a cut)"
+    )
+    dht_request_s: float = Field(5.0, gt=0, description="one DHT request (read the swarm's records, ping a peer)")
+    alone_after_s: float = Field(
+        600.0, gt=0, description="cut off from every DHT neighbour this long, a peer assumes the swarm is gone and trains alone"
+    )
 
 
 class Recipe(_Strict):
@@ -300,6 +307,8 @@ def reference_markdown() -> str:
         "  still training; about the spread of epoch durations across peers.",
         "- `peer.heartbeat_s`: a peer silent for 3 heartbeats is considered gone; keep it well below an epoch.",
         "- `peer.state_download_s`: the time to download 2 x parameters x 4 bytes over this peer's link, doubled.",
+        "- `peer.rebootstrap_s`: how soon after a network cut heals (or a coordinator restarts) a peer finds the",
+        "  swarm again; each tick costs one ping per missing initial peer.",
         "",
     ]
     return "\n".join(lines)

@@ -29,6 +29,8 @@ def run_coordinator(
     dht = swarm.start_dht(
         host=host, port=port, public_host=public_host, identity=str(identity) if identity else None, timeout=timeout
     )
+    # No initial peers to fall back on, but after a network cut it re-contacts the peers it knew.
+    watchdog = swarm.RoutingWatchdog(dht, [], period_s=10.0, timeout_s=5.0)
     try:
         addrs = swarm.maddrs_of(dht)
         print("coordinator is up; peers join with:", flush=True)
@@ -41,6 +43,7 @@ def run_coordinator(
         stop.wait()
         print("coordinator: stopping", flush=True)
     finally:
+        watchdog.stop()
         swarm.stop_dht(dht)
 
 

@@ -40,6 +40,14 @@ def load_flat_parameters(model: torch.nn.Module, flat: torch.Tensor) -> None:
         raise ValueError(f"flat vector has {flat.numel()} values, the model {offset}")
 
 
+def state_digest(epoch: int, params: torch.Tensor, momentum: torch.Tensor) -> str:
+    """Hex digest of (epoch, parameters, momentum): equal on two peers iff their states are identical."""
+    h = hashlib.sha256(str(int(epoch)).encode())
+    h.update(params.numpy().tobytes())
+    h.update(momentum.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 class OuterState:
     """Global parameters, outer momentum and epoch, with the outer optimizer that advances them."""
 
@@ -63,6 +71,8 @@ class OuterState:
     @torch.no_grad()
     def step(self, delta: torch.Tensor) -> None:
         """Apply the averaged pseudo-gradient of this epoch and advance to the next epoch."""
+        if not torch.isfinite(delta).all():  # the last line of defence: a NaN here ends the run
+            raise ValueError("refusing an outer step with a non-finite pseudo-gradient")
         if self.optimizer == "nesterov":
             self.momentum_buffer.mul_(self.momentum).add_(delta)
             self.params.sub_(delta + self.momentum * self.momentum_buffer, alpha=self.lr)
@@ -72,11 +82,8 @@ class OuterState:
         self._state_hash = None
 
     def digest(self) -> str:
-        """Hex digest of (epoch, parameters, momentum): equal on two peers iff their states are identical."""
-        h = hashlib.sha256(str(self.epoch).encode())
-        h.update(self.params.numpy().tobytes())
-        h.update(self.momentum_buffer.numpy().tobytes())
-        return h.hexdigest()[:32]
+        """:func:`state_digest` of this state."""
+        return state_digest(self.epoch, self.params, self.momentum_buffer)
 
     @property
     def state_hash(self) -> str:
@@ -89,13 +96,16 @@ class OuterState:
     def tensors(self) -> list[torch.Tensor]:
         return [self.params, self.momentum_buffer]
 
-    def load(self, epoch: int, params: torch.Tensor, momentum: torch.Tensor) -> None:
-        """Replace the state with a downloaded one, after checking its shape and values."""
+    def load(self, epoch: int, params: torch.Tensor, momentum: torch.Tensor, expected_hash: str | None = None) -> None:
+        """Replace the state with a downloaded one, after checking its shape, values and (if
+        given) digest; a state that fails a check leaves this one untouched."""
         for name, t in (("parameters", params), ("momentum", momentum)):
             if t.shape != self.params.shape or t.dtype != torch.float32:
                 raise StateDownloadFailed(f"state {name} have shape {tuple(t.shape)} {t.dtype}, expected {tuple(self.params.shape)} float32")
             if not torch.isfinite(t).all():
                 raise StateDownloadFailed(f"state {name} contain NaN or Inf")
+        if expected_hash is not None and state_digest(epoch, params, momentum) != expected_hash:
+            raise StateDownloadFailed("state does not match its digest")
         self.params.copy_(params)
         self.momentum_buffer.copy_(momentum)
         self.epoch = int(epoch)

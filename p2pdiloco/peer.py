@@ -77,6 +77,7 @@ class Peer:
         except BaseException:
             swarm.stop_dht(self.dht)  # a refused or failed start leaves no DHT process or p2pd behind
             raise
+        self.watchdog = swarm.RoutingWatchdog(self.dht, initial_peers, peer.rebootstrap_s, peer.dht_request_s)
         self.ready = False  # published: this peer finished its inner phase and waits to average
         self.heartbeat_stop = threading.Event()
         self.publish_lock = threading.Lock()  # records reach the DHT in the order they were made
@@ -86,6 +87,10 @@ class Peer:
         self.last_loss: float | None = None
         self.last_val: float | None = None
         self.last_round: tuple[int, list[str], float] | None = None  # (epoch reached, group, when)
+        self.banned: set[str] = set()  # peers caught sending non-finite values or invalid states
+        self.seen: set[str] = set()  # every other peer seen live in this run...
+        self.departed: set[str] = set()  # ...and those that announced leaving
+        self.cut_off_since: float | None = None
 
     def _build(self, run, peer, cache: Path) -> None:
         from p2pdiloco import data, inner, model
@@ -230,9 +235,17 @@ class Peer:
             )
         except AveragingFailed as e:
             log.warning("%s", e)
+            self._learn_bans()
             if self.stop_requested.is_set() or self._swarm_epoch() > self.outer.epoch:
                 return "behind"
             return None
+
+    def _learn_bans(self) -> None:
+        """Ignore, from now on, the peers our averager caught sending non-finite values."""
+        try:
+            self.banned.update(self.averager.banned())
+        except Exception as e:  # the averager did not answer in time: learn them after the next round
+            log.debug("could not list banned peers: %r", e)
 
     def _outer_step(self, result, delta, tokens, losses, compute_s, t_epoch) -> None:
         if isinstance(result, RoundResult):
@@ -272,8 +285,44 @@ class Peer:
     # ---------------------------------------------------------------- the swarm's state
     def _live_others(self) -> dict[str, swarm.Progress] | None:
         """Other live peers' records, or None if the DHT could not be read."""
-        records = swarm.read_progress(self.dht, self.run_cfg.name, timeout=self.run_cfg.averaging.request_s * 2)
-        return None if records is None else {peer: r for peer, r in records.items() if peer != self.peer_id}
+        records = swarm.read_progress(self.dht, self.run_cfg.name, timeout=self.peer_cfg.dht_request_s, include_leaving=True)
+        if records is None:
+            return None
+        records = {peer: r for peer, r in records.items() if peer != self.peer_id and peer not in self.banned}
+        self.departed.update(peer for peer, r in records.items() if r.leaving)
+        others = {peer: r for peer, r in records.items() if not r.leaving}
+        self.seen.update(others)
+        if others:
+            self.cut_off_since = None
+        if others or self._may_be_alone():
+            return others
+        return None  # cut off from the swarm: not knowing who is there is not being alone
+
+    def _may_be_alone(self) -> bool:
+        """No other live record: is this peer alone, or cut off from a swarm that goes on?
+
+        Cut off (every peer seen so far did not announce leaving, and the DHT routing table is
+        empty) a peer must not step alone: it would publish a state of its own as the run's.
+        It trains on and retries; after ``alone_after_s`` it assumes the swarm is gone.
+        """
+        if self.seen <= self.departed:
+            return True
+        try:
+            neighbours = swarm.routing_table_size(self.dht, self.peer_cfg.dht_request_s)
+        except Exception:
+            return False
+        now = time.monotonic()
+        if neighbours:
+            self.cut_off_since = None
+            return True
+        if self.cut_off_since is None:
+            self.cut_off_since = now
+            log.warning("no DHT neighbour left (network cut?): not stepping alone for up to %.0f s", self.peer_cfg.alone_after_s)
+        if now - self.cut_off_since < self.peer_cfg.alone_after_s:
+            return False
+        log.warning("cut off for %.0f s: assuming the swarm is gone and training alone", now - self.cut_off_since)
+        self.seen.clear()
+        return True
 
     def _swarm_epoch(self) -> int:
         return max((r.epoch for r in (self._live_others() or {}).values()), default=-1)
@@ -336,14 +385,33 @@ class Peer:
         for attempt in range(cfg.state_download_attempts):
             try:
                 donor, meta, tensors = self.averager.download_state(donors, timeout=cfg.state_download_s)
+            except StateDownloadFailed as e:
+                log.warning("state download attempt %d failed: %s", attempt + 1, e)
+                continue
+            if isinstance(meta, dict) and isinstance(meta.get("epoch"), int) and meta["epoch"] < min_epoch:
+                log.info("%s now serves epoch %d (restarted?); trying another donor", donor[-6:], meta["epoch"])
+                donors = [d for d in donors if d != donor] or donors
+                continue
+            try:
                 if not isinstance(meta, dict) or meta.get("fingerprint") != self.fingerprint:
-                    raise StateDownloadFailed(f"{donor} served a state of another run config")
-                if int(meta.get("epoch", -1)) < min_epoch or len(tensors) != 2:
-                    raise StateDownloadFailed(f"{donor} served an older or malformed state")
+                    raise StateDownloadFailed("a state of another run config")
+                if not isinstance(meta.get("epoch"), int) or len(tensors) != 2:
+                    raise StateDownloadFailed("a malformed state")
                 with self.state_lock:
-                    self.outer.load(meta["epoch"], *tensors)
-                    if self.outer.state_hash != meta.get("state_hash"):
-                        raise StateDownloadFailed(f"{donor} served a state whose digest does not match")
+                    self.outer.load(meta["epoch"], *tensors, expected_hash=meta.get("state_hash"))
+            except StateDownloadFailed as e:
+                # Not a network hiccup: the donor holds or sends a broken state. Ignore it from now
+                # on, or this peer would keep trying it instead of training.
+                self.banned.add(donor)
+                try:
+                    self.averager.ban(donor, f"served an invalid state ({e})")
+                except Exception:  # the host-side ban above already keeps it out of our decisions
+                    log.warning("peer %s served an invalid state (%s): ignoring it for the rest of the run", donor, e)
+                donors = [d for d in donors if d != donor]
+                if not donors:
+                    break
+                continue
+            else:
                 self.averager.set_state_priority(self.outer.epoch)
                 self._load_global_into_model()
                 self._record(
@@ -351,8 +419,6 @@ class Peer:
                 )
                 log.info("now at epoch %d (state from %s)", self.outer.epoch, donor[-6:])
                 return
-            except StateDownloadFailed as e:
-                log.warning("state download attempt %d failed: %s", attempt + 1, e)
         log.warning("could not download the swarm's state; continuing and retrying next epoch")
 
     def _serve_state(self):
@@ -415,7 +481,7 @@ class Peer:
             ready=self.ready,
             leaving=leaving,
         )
-        timeout = self.run_cfg.averaging.request_s if wait else None
+        timeout = self.peer_cfg.dht_request_s if wait else None
         swarm.publish_progress(self.dht, self.run_cfg.name, record, ttl=3 * self.peer_cfg.heartbeat_s, timeout=timeout)
         if self.visible_since is None:
             self.visible_since = time.monotonic()
@@ -480,7 +546,8 @@ class Peer:
             log.debug("waiting for the last group: %r", e)
         self.heartbeat_stop.set()
         if self.heartbeat_thread is not None:
-            self.heartbeat_thread.join(timeout=self.run_cfg.averaging.request_s + 1)
+            self.heartbeat_thread.join(timeout=self.peer_cfg.dht_request_s)
+        self.watchdog.stop()
         try:
             self._publish(ready=False, leaving=True, wait=True)
         except Exception as e:  # leaving without notice only costs others a few heartbeats

@@ -30,6 +30,14 @@ class ProcessGroup:
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
         self.log = log_path.open("ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        self.terminated = False
+
+    def terminate(self) -> None:
+        """SIGTERM to the main process, once: a second one arriving while Python shuts down
+        (its handlers already gone) would kill a peer that was leaving cleanly."""
+        if self.alive() and not self.terminated:
+            self.terminated = True
+            self.proc.send_signal(signal.SIGTERM)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -47,8 +55,7 @@ class ProcessGroup:
         SIGTERM goes to the main process only: signalling the group would also kill hivemind's DHT
         and averager processes and ``p2pd``, which the peer still needs to leave cleanly.
         """
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.proc.wait(grace)
         except subprocess.TimeoutExpired:
@@ -75,10 +82,11 @@ def _cli() -> list[str]:
     return [sys.executable, "-m", "p2pdiloco"]
 
 
-def start_coordinator(out: Path, timeout: float) -> tuple[ProcessGroup, list[str]]:
+def start_coordinator(out: Path, timeout: float, *extra: str) -> tuple[ProcessGroup, list[str]]:
+    """Start ``p2pdiloco coordinator`` (``extra``: more of its options) and wait for its addresses."""
     addrs_file = out / "coordinator.addrs"
     addrs_file.unlink(missing_ok=True)
-    coord = ProcessGroup([*_cli(), "coordinator", "--addrs-file", str(addrs_file)], out / "coordinator.log")
+    coord = ProcessGroup([*_cli(), "coordinator", "--addrs-file", str(addrs_file), *extra], out / "coordinator.log")
     deadline = time.monotonic() + timeout
     while not addrs_file.exists():
         if not coord.alive() or time.monotonic() > deadline:

@@ -160,8 +160,9 @@ def maddrs_of(dht) -> list[str]:
     return [str(m) for m in dht.get_visible_maddrs()]
 
 
-def read_progress(dht, run: str, timeout: float = 10.0) -> dict[str, Progress] | None:
-    """Live progress records of the run, by peer id; malformed records are dropped.
+def read_progress(dht, run: str, timeout: float = 10.0, include_leaving: bool = False) -> dict[str, Progress] | None:
+    """Live progress records of the run, by peer id; malformed records are dropped, and so are
+    the farewell records of peers that left unless ``include_leaving``.
 
     Returns None when the DHT could not be read in time: "unknown" must never be mistaken for
     "no other peer" (a peer that believes it is alone applies a private outer step).
@@ -180,7 +181,7 @@ def read_progress(dht, run: str, timeout: float = 10.0) -> dict[str, Progress] |
         except (ValidationError, AttributeError, TypeError):
             log.debug("dropped a malformed progress record under %r", subkey)
             continue
-        if str(subkey) == record.peer and not record.leaving:
+        if str(subkey) == record.peer and (include_leaving or not record.leaving):
             records[record.peer] = record
     return records
 
@@ -236,3 +237,91 @@ def publish_config(dht, run: str, fingerprint: str, canonical: dict, ttl: float)
         expiration_time=get_dht_time() + ttl,
         return_future=True,
     )
+
+
+async def _recontact(initial: list[str], known: list[str], timeout: float, _dht, node) -> tuple[list[str], int]:
+    """Runs in the DHT process: dial and ping the initial peers, and when the routing table is
+    empty, the peers it held before. Returns (peer ids in the table, dials made).
+
+    A ping adds both sides to each other's routing table, which is all a DHT node needs to find
+    the rest of the swarm again. Initial peers are pinged even while listed: a restarted
+    coordinator is still listed by peers that never failed a request to it, yet knows nobody.
+    """
+    import asyncio
+
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    me = node.peer_id.to_base58()
+    present = {pid.to_base58() for pid in node.protocol.routing_table.uid_to_peer_id.values()}
+    targets: dict[str, Multiaddr | None] = {}
+    for addr in initial:
+        maddr = Multiaddr(addr)
+        pid = maddr["p2p"]
+        if pid != me:
+            targets[pid] = maddr.decapsulate(Multiaddr(f"/p2p/{pid}"))
+    if not present:
+        targets.update({pid: None for pid in known if pid not in targets and pid != me})
+
+    async def dial(pid: str, maddr: Multiaddr | None) -> None:
+        peer = PeerID.from_base58(pid)
+        if maddr is not None:
+            await node.p2p._client.connect(peer, [maddr])
+        await node.protocol.call_ping(peer)
+
+    # All at once, each bounded: a dead peer costs one timeout, not one per peer.
+    await asyncio.gather(*(asyncio.wait_for(dial(p, m), timeout) for p, m in targets.items()), return_exceptions=True)
+    return sorted(present), len(targets)
+
+
+class RoutingWatchdog:
+    """Keeps this peer's DHT connected to the swarm (hivemind does not do it by itself).
+
+    A DHT node deletes every peer that fails one request, so a link that is down for a few
+    seconds empties its routing table for good: hivemind pings the initial peers only at start.
+    Likewise a restarted coordinator knows nobody, and peers that dropped it never dial it
+    again, so newcomers bootstrapping through it would find an empty swarm. Every ``period_s``
+    this thread pings the initial peers (one small request each), and, when the table is empty,
+    every peer the table held before (the daemon remembers their addresses).
+    """
+
+    def __init__(self, dht, initial_peers: Sequence[str], period_s: float, timeout_s: float):
+        import threading
+
+        self.dht, self.initial, self.period_s, self.timeout_s = dht, list(initial_peers), period_s, timeout_s
+        self.known: list[str] = []
+        self.cut_off = False
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="dht-watchdog", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        import functools
+
+        while not self.stopped.wait(self.period_s):
+            task = functools.partial(_recontact, self.initial, self.known, self.timeout_s)
+            try:
+                present, dialled = self.dht.run_coroutine(task, return_future=True).result(timeout=2 * self.timeout_s)
+            except Exception as e:  # the DHT is shutting down or busy: try again next tick
+                log.debug("DHT watchdog: %r", e)
+                continue
+            if not present and not self.cut_off:
+                log.warning("lost every DHT neighbour (network cut?): re-contacting %d peer(s) every %.0f s", dialled, self.period_s)
+            elif present and self.cut_off:
+                log.info("back in touch with the swarm's DHT (%d neighbour(s))", len(present))
+            self.cut_off = not present
+            if present:
+                self.known = present
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=self.timeout_s * 2)
+
+
+async def _table_size(_dht, node) -> int:
+    return len(node.protocol.routing_table.uid_to_peer_id)
+
+
+def routing_table_size(dht, timeout: float) -> int:
+    """How many other DHT nodes this node knows (0 after a network cut: see RoutingWatchdog)."""
+    return dht.run_coroutine(_table_size, return_future=True).result(timeout=timeout)

@@ -6,6 +6,7 @@ stops every group and checks that nothing of it is left running.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -16,23 +17,58 @@ from p2pdiloco.simulate import ProcessGroup, _cli, read_metrics, start_coordinat
 TEST_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "test.toml")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class LocalSwarm:
     def __init__(self, out: Path, cache_dir: Path, overrides: list[str] = ()):
         self.out, self.cache_dir, self.overrides = out, cache_dir, list(overrides)
         out.mkdir(parents=True, exist_ok=True)
-        self.coordinator, self.addrs = start_coordinator(out, timeout=60)
+        # A fixed port and identity, so that a restarted coordinator has the very same address.
+        self.coordinator_args = ["--port", str(_free_port()), "--identity", str(out / "coordinator.key")]
+        self.coordinator, self.addrs = start_coordinator(out, 60, *self.coordinator_args)
         self.peers: list[ProcessGroup] = []
         self.killed: set[int] = set()
 
-    def add_peer(self, max_epochs: int, *extra: str) -> int:
+    def add_peer(self, max_epochs: int, *extra: str, fault: str | None = None) -> int:
+        """Start a ``p2pdiloco join`` process; ``fault``: a P2PDILOCO_FAULT spec (see p2pdiloco/faults.py)."""
         index = len(self.peers)
         args = [*_cli(), "join", TEST_CONFIG, "--max-epochs", str(max_epochs), "--metrics-file", str(self.metrics_path(index))]
         for addr in self.addrs:
             args += ["--peers", addr]
         for item in [f'peer.cache_dir="{self.cache_dir}"', *self.overrides]:
             args += ["--set", item]
-        self.peers.append(ProcessGroup(args + list(extra), self.out / f"peer{index}.log"))
+        env = dict(os.environ, P2PDILOCO_FAULT=fault) if fault else None
+        self.peers.append(ProcessGroup(args + list(extra), self.out / f"peer{index}.log", env=env))
         return index
+
+    def restart_coordinator(self) -> list[str]:
+        """Start the coordinator again (same port and identity) after it was killed; its addresses."""
+        self.coordinator, addrs = start_coordinator(self.out, 60, *self.coordinator_args)
+        return addrs
+
+    def states_by_epoch(self, indices) -> dict[int, dict[int, str]]:
+        """epoch -> {peer index: state digest} from every record of the given peers."""
+        out: dict[int, dict[int, str]] = {}
+        for i in indices:
+            for r in self.metrics(i):
+                out.setdefault(r["epoch"], {})[i] = r["state_hash"]
+        return out
+
+    def assert_consistent(self, indices) -> None:
+        """Every epoch reached by several of these peers: all of them hold the same state."""
+        for epoch, by_peer in sorted(self.states_by_epoch(indices).items()):
+            assert len(set(by_peer.values())) == 1, f"epoch {epoch}: peers hold different states {by_peer}"
+
+    def longest_stall(self, index: int) -> float:
+        """The longest time between two consecutive epochs of a peer (seconds)."""
+        times = sorted(r["time"] for r in self.metrics(index) if r.get("event") in ("outer_step", "downloaded", "solo_step"))
+        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
 
     def metrics_path(self, index: int) -> Path:
         return self.out / f"peer{index}.jsonl"

@@ -1,0 +1,62 @@
+"""Fault injection at exact points of a round, for the swarm tests.
+
+A fault that must land *during* matchmaking or *during* the all-reduce cannot be aimed from
+outside the process: a round of the test recipe lasts a fraction of a second. The test suite
+starts a peer with ``P2PDILOCO_FAULT=POINT:ACTION@N`` and the peer hurts itself the N-th time it
+reaches POINT (counted per process):
+
+- points: ``matchmaking`` (the host process has asked its averager to find a group),
+  ``allreduce`` (the averager process has sent its first part to a group member),
+  ``send`` (the host process is handing its pseudo-gradient to the averager);
+- actions: ``kill`` (SIGKILL of the peer's whole process group: Python, DHT, averager, p2pd),
+  ``stop`` (SIGSTOP of the group: a frozen laptop; the test resumes it with SIGCONT),
+  ``nan`` (only at ``send``: the pseudo-gradient goes on the wire as NaN, bypassing the peer's own
+  finiteness check, as a buggy or hostile peer would send it).
+
+Unset (always, outside the tests) it costs one dictionary lookup per point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections import Counter
+
+ENV = "P2PDILOCO_FAULT"
+POINTS = ("matchmaking", "allreduce", "send")
+ACTIONS = ("kill", "stop", "nan")
+
+log = logging.getLogger(__name__)
+_reached: Counter = Counter()
+
+
+def _parse(spec: str) -> tuple[str, str, int]:
+    try:
+        where, count = spec.rsplit("@", 1)
+        point, action = where.split(":")
+        count = int(count)
+    except ValueError:
+        raise ValueError(f"{ENV}={spec!r}: expected POINT:ACTION@N, e.g. allreduce:kill@3") from None
+    if point not in POINTS or action not in ACTIONS or count < 1 or (action == "nan") != (point == "send"):
+        raise ValueError(f"{ENV}={spec!r}: points {POINTS}, actions {ACTIONS} ('nan' only at 'send'), N >= 1")
+    return point, action, count
+
+
+def reached(point: str) -> str | None:
+    """Count a visit to ``point``; act (kill/stop) or return the action ("nan") if the fault is due."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return None
+    target, action, count = _parse(spec)
+    if target != point:
+        return None
+    _reached[point] += 1
+    if _reached[point] != count:
+        return None
+    log.warning("fault injection: %s at %s #%d", action, point, count)
+    if action == "kill":
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    elif action == "stop":
+        os.killpg(os.getpgrp(), signal.SIGSTOP)
+    return action
