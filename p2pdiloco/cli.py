@@ -62,6 +62,12 @@ def coordinator(
     identity: Optional[Path] = typer.Option(None, help="Private key file for a stable peer id (created if absent)."),
     addrs_file: Optional[Path] = typer.Option(None, help="Write this node's multiaddrs here, one per line."),
     startup_timeout: float = typer.Option(30.0, help="Seconds to wait for the DHT to start."),
+    backup: Optional[str] = typer.Option(
+        None, help="Keep a copy of this run's state (a recipe), so the run survives every volunteer leaving."
+    ),
+    backup_dir: Path = typer.Option(Path("p2pdiloco-backup"), help="Folder for the --backup copy (reloaded on restart)."),
+    backup_every: int = typer.Option(1, min=1, help="Refresh the --backup copy every N epochs of the swarm."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field of the --backup recipe (repeatable)."),
     log_level: str = typer.Option("info", envvar="P2PDILOCO_LOG_LEVEL"),
 ) -> None:
     """Run a long-lived bootstrap peer: a stable address for volunteers to join through. Ctrl+C stops it."""
@@ -69,8 +75,14 @@ def coordinator(
     from p2pdiloco.coordinator import run_coordinator
 
     try:
+        keep = None
+        if backup:
+            from p2pdiloco.config import load_recipe
+
+            keep = (load_recipe(backup, list(set_)), backup_dir, backup_every)
         run_coordinator(
-            host=host, port=port, public_host=public_host, identity=identity, addrs_file=addrs_file, timeout=startup_timeout
+            host=host, port=port, public_host=public_host, identity=identity, addrs_file=addrs_file,
+            timeout=startup_timeout, backup=keep,
         )
     except P2PDilocoError as e:
         _fail(e)
@@ -94,6 +106,10 @@ def join(
     log_level: str = typer.Option("info", envvar="P2PDILOCO_LOG_LEVEL"),
 ) -> None:
     """Become a peer of the run described by CONFIG: find the swarm, catch up, train, average."""
+    from p2pdiloco import supervise
+
+    if supervise.needed():  # in a terminal: Ctrl+C must reach only the peer's main process
+        raise typer.Exit(supervise.run_supervised(sys.argv[1:]))
     _setup_logging(log_level)
     from p2pdiloco.config import load_recipe
 

@@ -20,8 +20,16 @@ log = logging.getLogger("p2pdiloco")
 
 
 def run_coordinator(
-    *, host: str, port: int, public_host: str | None, identity: Path | None, addrs_file: Path | None, timeout: float
+    *,
+    host: str,
+    port: int,
+    public_host: str | None,
+    identity: Path | None,
+    addrs_file: Path | None,
+    timeout: float,
+    backup: tuple | None = None,
 ) -> None:
+    """``backup``: (recipe, folder, every_epochs) to keep a copy of that run's state (see backup.py)."""
     """Serve the DHT until SIGINT/SIGTERM, then stop it and its ``p2pd`` daemon cleanly."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -31,7 +39,14 @@ def run_coordinator(
     )
     # No initial peers to fall back on, but after a network cut it re-contacts the peers it knew.
     watchdog = swarm.RoutingWatchdog(dht, [], period_s=10.0, timeout_s=5.0)
+    keeper = None
     try:
+        if backup:
+            from p2pdiloco.backup import StateBackup
+
+            recipe, folder, every = backup
+            keeper = StateBackup(dht, recipe, folder, every_epochs=every, every_s=recipe.peer.heartbeat_s)
+            log.info("keeping a backup of run '%s' in %s (every %d epoch(s))", recipe.run.name, folder, every)
         addrs = swarm.maddrs_of(dht)
         print("coordinator is up; peers join with:", flush=True)
         for addr in addrs:
@@ -43,6 +58,8 @@ def run_coordinator(
         stop.wait()
         print("coordinator: stopping", flush=True)
     finally:
+        if keeper is not None:
+            keeper.stop()
         watchdog.stop()
         swarm.stop_dht(dht)
 

@@ -7,11 +7,13 @@ reaches POINT (counted per process):
 
 - points: ``matchmaking`` (the host process has asked its averager to find a group),
   ``allreduce`` (the averager process has sent its first part to a group member),
-  ``send`` (the host process is handing its pseudo-gradient to the averager);
+  ``send`` (the host process is handing its pseudo-gradient to the averager),
+  ``inner`` (an inner training step is about to run);
 - actions: ``kill`` (SIGKILL of the peer's whole process group: Python, DHT, averager, p2pd),
   ``stop`` (SIGSTOP of the group: a frozen laptop; the test resumes it with SIGCONT),
   ``nan`` (only at ``send``: the pseudo-gradient goes on the wire as NaN, bypassing the peer's own
-  finiteness check, as a buggy or hostile peer would send it).
+  finiteness check, as a buggy or hostile peer would send it), ``oom`` (only at ``inner``: the
+  step fails as if the accelerator ran out of memory).
 
 Unset (always, outside the tests) it costs one dictionary lookup per point.
 """
@@ -24,8 +26,9 @@ import signal
 from collections import Counter
 
 ENV = "P2PDILOCO_FAULT"
-POINTS = ("matchmaking", "allreduce", "send")
-ACTIONS = ("kill", "stop", "nan")
+POINTS = ("matchmaking", "allreduce", "send", "inner")
+ACTIONS = ("kill", "stop", "nan", "oom")
+_ONLY_AT = {"nan": "send", "oom": "inner"}
 
 log = logging.getLogger(__name__)
 _reached: Counter = Counter()
@@ -38,13 +41,13 @@ def _parse(spec: str) -> tuple[str, str, int]:
         count = int(count)
     except ValueError:
         raise ValueError(f"{ENV}={spec!r}: expected POINT:ACTION@N, e.g. allreduce:kill@3") from None
-    if point not in POINTS or action not in ACTIONS or count < 1 or (action == "nan") != (point == "send"):
-        raise ValueError(f"{ENV}={spec!r}: points {POINTS}, actions {ACTIONS} ('nan' only at 'send'), N >= 1")
+    if point not in POINTS or action not in ACTIONS or count < 1 or _ONLY_AT.get(action, point) != point:
+        raise ValueError(f"{ENV}={spec!r}: points {POINTS}, actions {ACTIONS} ('nan' only at 'send', 'oom' only at 'inner'), N >= 1")
     return point, action, count
 
 
 def reached(point: str) -> str | None:
-    """Count a visit to ``point``; act (kill/stop) or return the action ("nan") if the fault is due."""
+    """Count a visit to ``point``; act (kill/stop) or return the action ("nan", "oom") if the fault is due."""
     spec = os.environ.get(ENV)
     if not spec:
         return None

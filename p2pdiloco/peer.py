@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from p2pdiloco import checkpoint, swarm
+from p2pdiloco import checkpoint, faults, swarm
 from p2pdiloco.averaging import PseudoGradientAverager, RoundResult
 from p2pdiloco.config import Recipe
 from p2pdiloco.errors import AveragingFailed, CheckpointError, OutOfMemory, StateDownloadFailed, is_out_of_memory
@@ -91,6 +91,7 @@ class Peer:
         self.seen: set[str] = set()  # every other peer seen live in this run...
         self.departed: set[str] = set()  # ...and those that announced leaving
         self.cut_off_since: float | None = None
+        self.backups: dict[str, swarm.Progress] = {}  # coordinators keeping a copy of the state
 
     def _build(self, run, peer, cache: Path) -> None:
         from p2pdiloco import data, inner, model
@@ -196,6 +197,8 @@ class Peer:
 
     def _inner_step(self, step: int) -> float:
         try:
+            if faults.reached("inner") == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory (injected by P2PDILOCO_FAULT)")
             return self.inner.step(self.stream.next_batch().to(self.device), step)
         except (RuntimeError, MemoryError) as e:
             if not is_out_of_memory(e):
@@ -290,7 +293,8 @@ class Peer:
             return None
         records = {peer: r for peer, r in records.items() if peer != self.peer_id and peer not in self.banned}
         self.departed.update(peer for peer, r in records.items() if r.leaving)
-        others = {peer: r for peer, r in records.items() if not r.leaving}
+        self.backups = {peer: r for peer, r in records.items() if r.backup and not r.leaving}
+        others = {peer: r for peer, r in records.items() if not r.leaving and not r.backup}
         self.seen.update(others)
         if others:
             self.cut_off_since = None
@@ -301,14 +305,14 @@ class Peer:
     def _may_be_alone(self) -> bool:
         """No other live record: is this peer alone, or cut off from a swarm that goes on?
 
-        Cut off (every peer seen so far did not announce leaving, and the DHT routing table is
-        empty) a peer must not step alone: it would publish a state of its own as the run's.
+        Cut off (not every peer seen so far announced leaving, and no DHT neighbour answers a
+        ping) a peer must not step alone: it would publish a state of its own as the run's.
         It trains on and retries; after ``alone_after_s`` it assumes the swarm is gone.
         """
         if self.seen <= self.departed:
             return True
         try:
-            neighbours = swarm.routing_table_size(self.dht, self.peer_cfg.dht_request_s)
+            neighbours = swarm.reachable_neighbours(self.dht, self.peer_cfg.dht_request_s)
         except Exception:
             return False
         now = time.monotonic()
@@ -355,8 +359,11 @@ class Peer:
     def _sync_with_swarm(self) -> None:
         """Download the swarm's state if it is ahead of ours or if ours is a minority fork."""
         others = self._live_others()
+        if others is None:
+            return  # the DHT is unreadable right now: try again next epoch
         if not others:
-            return  # alone, or the DHT is unreadable right now: nothing to catch up with
+            self._restore_from_backup()  # alone: maybe the run went on before us and a backup kept it
+            return
         epoch = max(r.epoch for r in others.values())
         if epoch < self.outer.epoch:
             return
@@ -367,6 +374,14 @@ class Peer:
         reason = "behind" if epoch > self.outer.epoch else "fork"
         log.info("epoch %d, swarm at %d (%s): downloading the state from %d peer(s)", self.outer.epoch, epoch, reason, len(donors))
         self._download_state(donors, min_epoch=epoch, reason=reason)
+
+    def _restore_from_backup(self) -> None:
+        """With no live peer, continue from a coordinator's backup if it is ahead of this peer."""
+        ahead = {p: r for p, r in self.backups.items() if r.epoch > self.outer.epoch}
+        if ahead:
+            epoch = max(r.epoch for r in ahead.values())
+            log.info("epoch %d, no live peer, a backup at %d: downloading it", self.outer.epoch, epoch)
+            self._download_state(sorted(p for p, r in ahead.items() if r.epoch == epoch), min_epoch=epoch, reason="backup")
 
     def _winning_state(self, others: dict[str, swarm.Progress], epoch: int | None = None) -> str:
         """The state digest the swarm converges on at ``epoch`` (default: ours).

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from p2pdiloco.config import load_recipe, recipe_path
 from p2pdiloco.errors import P2PDilocoError
@@ -82,11 +83,12 @@ def _cli() -> list[str]:
     return [sys.executable, "-m", "p2pdiloco"]
 
 
-def start_coordinator(out: Path, timeout: float, *extra: str) -> tuple[ProcessGroup, list[str]]:
-    """Start ``p2pdiloco coordinator`` (``extra``: more of its options) and wait for its addresses."""
+def start_coordinator(out: Path, timeout: float, *extra: str, launcher: Sequence[str] = ()) -> tuple[ProcessGroup, list[str]]:
+    """Start ``p2pdiloco coordinator`` (``extra``: more of its options; ``launcher``: a command
+    prefix such as ``ip netns exec NS``) and wait for its addresses."""
     addrs_file = out / "coordinator.addrs"
     addrs_file.unlink(missing_ok=True)
-    coord = ProcessGroup([*_cli(), "coordinator", "--addrs-file", str(addrs_file), *extra], out / "coordinator.log")
+    coord = ProcessGroup([*launcher, *_cli(), "coordinator", "--addrs-file", str(addrs_file), *extra], out / "coordinator.log")
     deadline = time.monotonic() + timeout
     while not addrs_file.exists():
         if not coord.alive() or time.monotonic() > deadline:

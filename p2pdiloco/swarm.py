@@ -45,6 +45,7 @@ class Progress(BaseModel):
     time: float = 0.0
     ready: bool = False  # finished its inner phase and waiting to average
     leaving: bool = False
+    backup: bool = False  # a coordinator's copy of the state: a donor, never a training peer
 
 
 def progress_key(run: str) -> str:
@@ -149,8 +150,9 @@ def _explain_dht_failure(err: Exception, peers: Sequence[str], host: str, port: 
     if "address already in use" in text.lower() or "bind" in text.lower():
         return f"port {port} on {host} is already in use: choose another --port (or 0 for any free port)"
     if "bootstrap" in text.lower() or isinstance(err, TimeoutError) or "Timeout" in type(err).__name__:
+        shown = ", ".join(peers[:3]) + (f" and {len(peers) - 3} more" if len(peers) > 3 else "")
         return (
-            f"could not reach any of the {len(peers)} --peers address(es) within {timeout:.0f} s: "
+            f"could not reach {shown} within {timeout:.0f} s: "
             "check the address, that the peer is running and that its port is reachable"
         )
     return f"the DHT failed to start: {type(err).__name__}: {text.splitlines()[0] if text else ''}"
@@ -318,10 +320,22 @@ class RoutingWatchdog:
         self.thread.join(timeout=self.timeout_s * 2)
 
 
-async def _table_size(_dht, node) -> int:
-    return len(node.protocol.routing_table.uid_to_peer_id)
+async def _ping_neighbours(timeout: float, _dht, node) -> int:
+    import asyncio
+
+    peers = list(node.protocol.routing_table.uid_to_peer_id.values())
+    answers = await asyncio.gather(
+        *(asyncio.wait_for(node.protocol.call_ping(peer), timeout) for peer in peers), return_exceptions=True
+    )
+    return sum(a is not None and not isinstance(a, BaseException) for a in answers)
 
 
-def routing_table_size(dht, timeout: float) -> int:
-    """How many other DHT nodes this node knows (0 after a network cut: see RoutingWatchdog)."""
-    return dht.run_coroutine(_table_size, return_future=True).result(timeout=timeout)
+def reachable_neighbours(dht, timeout: float) -> int:
+    """How many of the DHT nodes this node knows answer a ping now (0 when its link is cut).
+
+    The routing table alone is not enough: it keeps a node until a request to it fails, so for a
+    few seconds after a cut it still lists peers that can no longer be reached.
+    """
+    import functools
+
+    return dht.run_coroutine(functools.partial(_ping_neighbours, timeout / 2), return_future=True).result(timeout=timeout)

@@ -26,11 +26,11 @@ def _free_port() -> int:
 
 
 class LocalSwarm:
-    def __init__(self, out: Path, cache_dir: Path, overrides: list[str] = ()):
+    def __init__(self, out: Path, cache_dir: Path, overrides: list[str] = (), coordinator_args: list[str] = ()):
         self.out, self.cache_dir, self.overrides = out, cache_dir, list(overrides)
         out.mkdir(parents=True, exist_ok=True)
         # A fixed port and identity, so that a restarted coordinator has the very same address.
-        self.coordinator_args = ["--port", str(_free_port()), "--identity", str(out / "coordinator.key")]
+        self.coordinator_args = ["--port", str(_free_port()), "--identity", str(out / "coordinator.key"), *coordinator_args]
         self.coordinator, self.addrs = start_coordinator(out, 60, *self.coordinator_args)
         self.peers: list[ProcessGroup] = []
         self.killed: set[int] = set()
@@ -126,8 +126,8 @@ class LocalSwarm:
 def local_swarm(tmp_path, data_cache):
     swarms = []
 
-    def make(overrides=()):
-        swarm = LocalSwarm(tmp_path / f"swarm{len(swarms)}", data_cache, overrides)
+    def make(overrides=(), coordinator_args=()):
+        swarm = LocalSwarm(tmp_path / f"swarm{len(swarms)}", data_cache, overrides, coordinator_args)
         swarms.append(swarm)
         return swarm
 

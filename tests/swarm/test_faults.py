@@ -158,3 +158,79 @@ def test_training_survives_the_coordinator_and_a_restarted_one_is_found_again(lo
     assert first["event"] == "downloaded", f"the newcomer did not find the running swarm: {first}"
     assert not [r for r in swarm.metrics(newcomer) if r["event"] == "solo_step"]
     swarm.assert_consistent([0, 1, newcomer])
+
+
+def test_ctrl_c_in_a_terminal_finishes_the_round_announces_leaving_and_saves(local_swarm, tmp_path):
+    import os
+    import pty
+    import re
+    import subprocess
+    import time
+
+    from p2pdiloco.simulate import _cli, read_metrics
+
+    swarm = local_swarm()
+    partner = swarm.add_peer(1000)
+    metrics, ckpt, log_path = tmp_path / "tty.jsonl", tmp_path / "ckpt", tmp_path / "tty.log"
+    args = [*_cli(), "join", TEST_CONFIG, "--metrics-file", str(metrics), "--checkpoint-dir", str(ckpt),
+            "--set", f'peer.cache_dir="{swarm.cache_dir}"']
+    for addr in swarm.addrs:
+        args += ["--peers", addr]
+    master, terminal = pty.openpty()  # stdin is a terminal, as for a volunteer typing the command
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(args, stdin=terminal, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        swarm.wait_until(lambda: max((r["epoch"] for r in read_metrics(metrics)), default=-1) >= 2, 240, "the peer to train")
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl+C: the whole foreground group
+        limit = CFG.run.averaging.round_s + CFG.run.averaging.next_chunk_s + 30
+        assert proc.wait(timeout=limit) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        os.close(master)
+        os.close(terminal)
+    text = log_path.read_text()
+    assert "SIGTERM received" in text and "checkpoint of epoch" in text, text[-2000:]
+    peer_pid = int(re.search(r"peer process (\d+)", text).group(1))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # init reaps the peer's grandchildren: nothing to wait on
+        try:
+            os.killpg(peer_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("processes of the peer's session are still running")
+    from p2pdiloco.checkpoint import checkpoint_path
+
+    assert checkpoint_path(ckpt).exists(), "no checkpoint saved"
+    assert swarm.peers[partner].alive(), "the partner peer died"
+
+
+def test_a_swarm_that_all_left_restarts_from_the_coordinators_backup(local_swarm, tmp_path):
+    import re
+
+    swarm = local_swarm(coordinator_args=["--backup", TEST_CONFIG, "--backup-dir", str(tmp_path / "backup")])
+    for _ in range(2):
+        swarm.add_peer(1000)
+    coordinator_log = swarm.out / "coordinator.log"
+
+    def backed_up() -> list[int]:
+        return [int(e) for e in re.findall(r"backup: state of epoch (\d+)", coordinator_log.read_text())]
+
+    swarm.wait_until(lambda: max(backed_up(), default=0) >= 3, 240, "the coordinator to back up epoch 3")
+    _stop(swarm, [0, 1])  # every volunteer leaves
+    kept = max(backed_up())
+    newcomer = swarm.add_peer(1000)
+
+    def restored() -> bool:
+        records = swarm.metrics(newcomer)
+        return any(r["event"] == "downloaded" for r in records) and any(r["event"] == "solo_step" for r in records)
+
+    swarm.wait_until(restored, 120, "a newcomer to restart the run from the backup")
+    _stop(swarm, [newcomer])
+    first = swarm.metrics(newcomer)[0]
+    assert first["event"] == "downloaded" and first["reason"] == "backup" and first["epoch"] == kept, first
+    trained = {r["epoch"]: r["state_hash"] for i in (0, 1) for r in swarm.metrics(i)}
+    assert first["state_hash"] == trained[kept], "the backup is not the state the swarm had at that epoch"

@@ -29,8 +29,44 @@ def test_malformed_peer_address_is_rejected():
     assert "is not a multiaddr" in r.stderr.splitlines()[-1]
 
 
-def _join(*args):
-    return subprocess.run([sys.executable, "-m", "p2pdiloco", "join", "test", *args], capture_output=True, text=True, timeout=120)
+def _join(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "p2pdiloco", "join", "test", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_unreachable_peer_is_one_line_naming_the_address(data_cache):
+    import socket
+
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/12D3KooWJGoZ4sjXxivWoJsopoW9aoYQRtjyPkEfzEJ7kPS4KC34"
+    r = _join("--peers", addr, "--set", "peer.bootstrap_s=5", "--set", f'peer.cache_dir="{data_cache}"')
+    assert r.returncode == 4
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("error: ") and addr in last, last
+
+
+def test_corrupt_checkpoint_is_one_line_and_left_in_place(tmp_path, data_cache):
+    from p2pdiloco.checkpoint import checkpoint_path
+
+    path = checkpoint_path(tmp_path)
+    path.write_bytes(b"not a checkpoint")
+    r = _join("--checkpoint-dir", str(tmp_path), "--set", f'peer.cache_dir="{data_cache}"')
+    assert r.returncode == 6
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("error: ") and "move it away" in last, last
+    assert path.read_bytes() == b"not a checkpoint"  # nothing already saved is touched
+
+
+def test_out_of_memory_on_the_first_step_suggests_a_smaller_micro_batch(data_cache):
+    import os
+
+    r = _join("--set", f'peer.cache_dir="{data_cache}"', env=dict(os.environ, P2PDILOCO_FAULT="inner:oom@1"))
+    assert r.returncode == 7
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("error: out of memory") and "--set peer.micro_batch_size=4" in last, last
 
 
 def test_port_in_use_is_one_line_naming_the_fix(data_cache):
