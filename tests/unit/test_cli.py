@@ -95,3 +95,15 @@ def test_out_of_memory_is_recognised_on_cpu_and_cuda():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_checkpoint_of_another_run_config_is_one_line_naming_the_fix(tmp_path, data_cache):
+    import torch
+
+    from p2pdiloco import checkpoint
+
+    checkpoint.save(tmp_path, dict(fingerprint="0123456789abcdef", epoch=3, params=torch.zeros(4), momentum=torch.zeros(4)))
+    r = _join("--checkpoint-dir", str(tmp_path), "--set", f'peer.cache_dir="{data_cache}"')
+    assert r.returncode == 6
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith("error: ") and "belongs to another run config" in last and "--checkpoint-dir" in last, last
