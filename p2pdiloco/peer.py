@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -47,6 +48,7 @@ class Peer:
         max_epochs: int | None = None,
         metrics_file: str | None = None,
         export_dir: str | None = None,
+        stop_requested: threading.Event | None = None,
     ):
         from p2pdiloco import data
 
@@ -55,7 +57,7 @@ class Peer:
         self.max_epochs, self.export_dir = max_epochs, export_dir
         self.metrics_path = Path(metrics_file) if metrics_file else None
         self.fingerprint = run.fingerprint()
-        self.stop_requested = threading.Event()
+        self.stop_requested = stop_requested or threading.Event()
         self.state_lock = threading.Lock()  # the outer step vs. newcomers downloading the state
         if peer.threads:
             torch.set_num_threads(peer.threads)
@@ -573,14 +575,21 @@ class Peer:
 
 def run_peer(recipe: Recipe, **kwargs) -> int:
     """Run a peer until ``max_epochs`` or SIGINT/SIGTERM; returns the final epoch."""
-    peer = Peer(recipe, **kwargs)
+    stop, main_pid = threading.Event(), os.getpid()
 
     def request_stop(signum, _frame):
+        if os.getpid() != main_pid:  # a forked hivemind process inherited this handler: die as usual
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         log.info("%s received: finishing the current round, then leaving", signal.Signals(signum).name)
-        peer.stop_requested.set()
+        stop.set()
 
+    # Before the start: a signal while the DHT is starting would otherwise kill this process and
+    # orphan the DHT process and p2pd it already spawned. Starting is bounded (bootstrap_s).
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    peer = Peer(recipe, stop_requested=stop, **kwargs)
     try:
         peer.run()
         if peer.export_dir:
