@@ -30,9 +30,21 @@ def test_malformed_peer_address_is_rejected():
 
 
 def _join(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "p2pdiloco", "join", "test", *args], capture_output=True, text=True, timeout=120, env=env
-    )
+    """Run ``join`` in a session of its own; on a hang, kill the whole group (DHT, averager, p2pd)."""
+    import os
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "p2pdiloco", "join", "test", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of it may outlive the test
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_unreachable_peer_is_one_line_naming_the_address(data_cache):
