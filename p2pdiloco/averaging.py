@@ -425,7 +425,11 @@ class PseudoGradientAverager:
         before = self._averager.traffic.clone()
         started = time.monotonic()
         control = self._averager.step(
-            gather=dict(gather, epoch=epoch, state_hash=state_hash), weight=float(weight), timeout=2 * cfg.matchmaking_s, wait=False
+            gather=dict(gather, epoch=epoch, state_hash=state_hash), weight=float(weight), timeout=2 * cfg.matchmaking_s,
+            # No retry inside the step: a member whose all-reduce failed while the others succeeded
+            # would average again, at the same epoch, with another group: a fork. The peer's loop
+            # retries instead, after checking whether the swarm moved on.
+            allow_retries=False, wait=False,
         )
         faults.reached("matchmaking")
         try:
