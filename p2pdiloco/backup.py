@@ -16,7 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
 
 from p2pdiloco import checkpoint, swarm
 from p2pdiloco.averaging import PseudoGradientAverager
@@ -88,14 +87,12 @@ class StateBackup:
             donor, meta, tensors = self.averager.download_state(donors, timeout=self.peer_cfg.state_download_s)
             if not isinstance(meta, dict) or meta.get("fingerprint") != self.fingerprint or len(tensors) != 2:
                 raise StateDownloadFailed(f"{donor} served a malformed state")
-            fresh = OuterState(torch.zeros(self.outer.size), optimizer=self.run.outer_optimizer, lr=0.0, momentum=0.0)
-            fresh.load(meta["epoch"], *tensors, expected_hash=meta.get("state_hash"))
+            with self.lock:  # load() checks values and digest first: a bad state leaves ours untouched
+                self.outer.load(meta["epoch"], *tensors, expected_hash=meta.get("state_hash"))
+                self.held = True
         except StateDownloadFailed as e:
             log.warning("backup: %s", e)
             return
-        with self.lock:
-            self.outer.load(meta["epoch"], *tensors, expected_hash=meta["state_hash"])
-            self.held = True
         self.averager.set_state_priority(self.outer.epoch)
         checkpoint.save(self.directory, dict(
             fingerprint=self.fingerprint, epoch=self.outer.epoch, state_hash=self.outer.state_hash,
