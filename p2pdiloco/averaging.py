@@ -38,14 +38,7 @@ import torch
 from hivemind import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.partition import AllreduceException, BannedException
-from hivemind.compression import (
-    BlockwiseQuantization,
-    CompressionBase,
-    CompressionInfo,
-    Float16Compression,
-    NoCompression,
-    deserialize_torch_tensor,
-)
+from hivemind.compression import CompressionBase, CompressionInfo, NoCompression, deserialize_torch_tensor
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture
@@ -53,32 +46,49 @@ from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_
 from hivemind.utils.streaming import combine_from_streaming
 
 from p2pdiloco import faults
+from p2pdiloco.codecs import Codec, make_codec
 from p2pdiloco.config import AveragingConfig
 from p2pdiloco.errors import AveragingFailed, StateDownloadFailed
 
 log = logging.getLogger(__name__)
 
-SENT, RECEIVED = 0, 1
+SENT, RECEIVED, ENCODE_S, DECODE_S = range(4)  # the shared counters of an averager
 
 
-def make_codec(name: str) -> CompressionBase:
-    """The hivemind codec for a run's ``compression`` setting."""
-    if name == "none":
-        return NoCompression()
-    if name == "fp16":
-        return Float16Compression()
-    if name == "blockwise8":
-        import bitsandbytes  # noqa: F401  (import before the averager forks: a lazy import costs 6-9 s mid-round)
+class _SenderCodec(CompressionBase):
+    """The run's codec as the tensor-part container uses it for *our own* parts on their way to
+    reducers: with error feedback it also records, at each part's place in the flat buffer, what
+    quantization dropped (``part - decode(encode(part))``), for the host to add to its next
+    pseudo-gradient."""
 
-        return BlockwiseQuantization()
-    raise ValueError(f"unknown compression '{name}'")
+    def __init__(self, codec: Codec, residual: torch.Tensor | None):
+        self.codec, self.residual = codec, residual
+        self.compression_type = codec.compression_type
+
+    def compress(self, tensor, info, allow_inplace=False):
+        serialized = self.codec.compress(tensor, info)
+        if self.residual is not None:
+            started = time.perf_counter()
+            offset = info.part_index * info.part_size  # one flat tensor: parts are consecutive slices
+            dropped = tensor.reshape(-1) - self.codec.decode(serialized.buffer, tensor.numel())
+            self.residual[offset : offset + tensor.numel()] = dropped
+            self.codec.encode_s += time.perf_counter() - started
+        return serialized
+
+    def extract(self, serialized):
+        return self.codec.extract(serialized)
+
+    def estimate_compression_ratio(self, info):
+        return self.codec.estimate_compression_ratio(info)
 
 
 class ConsistentAllReduceRunner(AllReduceRunner):
     """Butterfly all-reduce whose reducers send the same serialized average to every member.
 
-    ``traffic`` is a shared-memory float64 tensor ``[bytes_sent, bytes_received]`` that this
-    runner (in the averager process) adds to; the host process reads it after the round.
+    ``traffic`` is a shared-memory float64 tensor indexed by ``SENT``/``RECEIVED`` that this
+    runner (in the averager process) adds to; the host process reads it after the round. Every
+    part is encoded and decoded with the run's :class:`~p2pdiloco.codecs.Codec`, whose ``extract``
+    validates tag, shape and length before decoding.
     """
 
     def __init__(self, *, traffic: torch.Tensor, offender: Callable[[PeerID, str], None], **kwargs):
@@ -88,9 +98,17 @@ class ConsistentAllReduceRunner(AllReduceRunner):
         self._fault_point_passed = False
         container = self.tensor_part_container
         container.return_deltas = False  # outputs are averages, and a failed slice keeps local values...
+        self.codec: Codec = container.compression.codec
         me = self.ordered_peer_ids.index(self.peer_id)
         self._part_infos = [info for _, info in container._input_parts_by_peer[me]]
         self._serialized_averages: dict[int, Any] = {}
+        # Our replies to the other senders may still be on their way when our own result is
+        # complete; the round waits for them (bounded) so their bytes count in this round.
+        others = [p for p in self.sender_peer_ids if p != self.peer_id]
+        self._streams_left = len(others) if container.num_parts_by_peer[me] else 0
+        self.replies_sent = asyncio.Event()
+        if not self._streams_left:
+            self.replies_sent.set()
 
     def failed_values(self) -> int:
         return self.tensor_part_container.failed_size  # ...which is why any failure fails the round
@@ -98,8 +116,7 @@ class ConsistentAllReduceRunner(AllReduceRunner):
     def _serialize_average(self, part_index: int, averaged: torch.Tensor):
         cached = self._serialized_averages.get(part_index)
         if cached is None:
-            codec = self.tensor_part_container.compression
-            cached = codec.compress(averaged, self._part_infos[part_index])
+            cached = self.codec.compress(averaged, self._part_infos[part_index])
             self._serialized_averages[part_index] = cached
         return cached
 
@@ -112,7 +129,7 @@ class ConsistentAllReduceRunner(AllReduceRunner):
             for part_index, part in enumerate(self.parts_for_local_averaging):
                 averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part, weight=self.weight)
                 serialized = await loop.run_in_executor(None, self._serialize_average, part_index, averaged)
-                self.tensor_part_container.register_processed_part(peer_index, part_index, deserialize_torch_tensor(serialized))
+                self.tensor_part_container.register_processed_part(peer_index, part_index, self.codec.extract(serialized))
             return
         try:
             done_sending = asyncio.Event()
@@ -124,7 +141,7 @@ class ConsistentAllReduceRunner(AllReduceRunner):
             def decode(msg: averaging_pb2.AveragingData):
                 if msg.code != averaging_pb2.AVERAGED_PART:
                     raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
-                return deserialize_torch_tensor(msg.tensor_part), msg.ByteSize(), msg.peer_id
+                return self.codec.extract(msg.tensor_part), msg.ByteSize(), msg.peer_id
 
             part_index = 0
             expected = self.tensor_part_container.num_parts_by_peer[peer_index]
@@ -174,7 +191,7 @@ class ConsistentAllReduceRunner(AllReduceRunner):
         loop = asyncio.get_event_loop()
 
         def decode(msg: averaging_pb2.AveragingData):
-            return deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.ByteSize()
+            return self.codec.extract(msg.tensor_part), msg.weight, msg.ByteSize()
 
         try:
             async for part, weight, size in amap_in_executor(decode, stream, max_prefetch=self.tensor_part_container.prefetch):
@@ -198,6 +215,9 @@ class ConsistentAllReduceRunner(AllReduceRunner):
                 part_index += 1
                 yield reply
         finally:
+            self._streams_left -= 1
+            if self._streams_left <= 0:
+                self.replies_sent.set()
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
@@ -216,18 +236,26 @@ class RoundResult:
     group: list[str]  # peer ids of the members, in the group's order
     gathered: dict[str, Any]  # peer id -> what that member passed as ``gather``
     seconds: float
-    bytes_sent: int
+    bytes_sent: int  # measured at the all-reduce: the serialized messages this peer sent
     bytes_received: int
+    encode_s: float  # time spent encoding (our parts, the averages we reduced) and decoding
+    decode_s: float
+    residual: torch.Tensor | None = None  # error feedback: what quantizing our parts dropped
 
 
 class _Averager(DecentralizedAverager):
-    """hivemind's averager with the consistent runner, a traffic counter and pluggable state."""
+    """hivemind's averager with the consistent runner, shared counters, an error-feedback buffer
+    and pluggable state."""
 
-    def __init__(self, *args, state_fn: Callable[[], tuple[dict, Sequence[torch.Tensor]]], **kwargs):
-        self.traffic = torch.zeros(2, dtype=torch.float64).share_memory_()
+    def __init__(self, tensors, *args, codec: Codec, error_feedback: bool,
+                 state_fn: Callable[[], tuple[dict, Sequence[torch.Tensor]]], **kwargs):
+        self.traffic = torch.zeros(4, dtype=torch.float64).share_memory_()
+        size = sum(t.numel() for t in tensors)
+        self.residual = torch.zeros(size, dtype=torch.float32).share_memory_() if error_feedback else None
+        self._codec = codec
         self._state_fn = state_fn
         self._banned: set[PeerID] = set()  # lives in the averager process, where rounds run
-        super().__init__(*args, **kwargs)
+        super().__init__(tensors, *args, compression=codec, **kwargs)
 
     def _ban(self, peer_id: PeerID, reason: str) -> None:
         """Refuse ``peer_id`` in every later group of this run (called by the runner).
@@ -258,6 +286,9 @@ class _Averager(DecentralizedAverager):
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
+        if self.residual is not None:
+            self.residual.zero_()  # parts we reduce ourselves are never quantized: nothing dropped
+        kwargs["compression"] = _SenderCodec(self._codec, self.residual)
         runner = ConsistentAllReduceRunner(
             traffic=self.traffic,
             offender=self._ban,
@@ -272,7 +303,14 @@ class _Averager(DecentralizedAverager):
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             raise AllreduceException("p2pdiloco peers never run as auxiliaries")
-        results = [averaged async for averaged in runner]
+        try:
+            results = [averaged async for averaged in runner]
+            try:
+                await asyncio.wait_for(runner.replies_sent.wait(), timeout=runner.reducer_timeout or 30.0)
+            except asyncio.TimeoutError:
+                log.debug("replies of this round still in flight: their bytes count in the next round")
+        finally:
+            self.traffic[ENCODE_S], self.traffic[DECODE_S] = self._codec.encode_s, self._codec.decode_s
         if runner.failed_values():
             raise AllreduceException(f"partial all-reduce: {runner.failed_values()} values missing, round discarded")
         for tensor, averaged in zip(tensors, results):
@@ -335,8 +373,10 @@ class PseudoGradientAverager:
     :param size: number of fp32 values in the pseudo-gradient
     :param prefix: averaging namespace; include the run fingerprint so mismatched peers never meet
     :param cfg: the run's averaging timeouts
+    :param compression: the run's codec name (see :mod:`p2pdiloco.codecs`)
     :param state_fn: returns ``(metadata, [tensors])`` of the current outer state; called from a
         background thread when a newcomer downloads the state, so it must take the state lock
+    :param error_feedback: return, with each round, what quantizing our parts dropped
     """
 
     def __init__(
@@ -350,6 +390,7 @@ class PseudoGradientAverager:
         target_group_size: int,
         min_group_size: int,
         state_fn: Callable[[], tuple[dict, Sequence[torch.Tensor]]],
+        error_feedback: bool = False,
         client_mode: bool = False,
     ):
         self.cfg = cfg
@@ -360,13 +401,14 @@ class PseudoGradientAverager:
             start=True,
             prefix=prefix,
             state_fn=state_fn,
+            codec=make_codec(compression),
+            error_feedback=error_feedback,
             target_group_size=target_group_size,
             min_group_size=min_group_size,
             min_matchmaking_time=cfg.matchmaking_s,
             request_timeout=cfg.request_s,
             allreduce_timeout=cfg.allreduce_s,
             next_chunk_timeout=cfg.next_chunk_s,
-            compression=make_codec(compression),
             state_compression=NoCompression(),  # state is never quantized: newcomers must be bit-identical
             client_mode=client_mode,
             declare_state_period=max(cfg.matchmaking_s, 5.0),
@@ -455,6 +497,9 @@ class PseudoGradientAverager:
             seconds=time.monotonic() - started,
             bytes_sent=int(traffic[SENT]),
             bytes_received=int(traffic[RECEIVED]),
+            encode_s=float(traffic[ENCODE_S]),
+            decode_s=float(traffic[DECODE_S]),
+            residual=None if self._averager.residual is None else self._averager.residual.clone(),
         )
 
     def _call(self, method: str, timeout: float | None = None, **kwargs):

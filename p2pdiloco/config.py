@@ -133,8 +133,13 @@ class RunConfig(_Strict):
     outer_optimizer: Literal["nesterov", "sgd"] = Field("nesterov", description="nesterov (DiLoCo) or sgd (plain averaging)")
     outer_lr: float = Field(0.7, gt=0, description="outer learning rate (DiLoCo: 0.7)")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="outer Nesterov momentum (DiLoCo: 0.9)")
-    compression: Literal["none", "fp16", "blockwise8"] = Field(
-        "none", description="pseudo-gradient codec on the wire: none (fp32), fp16, blockwise8 (bitsandbytes)"
+    compression: Literal["none", "fp16", "bf16", "blockwise8", "4bit"] = Field(
+        "none",
+        description="pseudo-gradient codec on the wire, both directions: none (fp32), fp16, bf16, blockwise8 "
+        "(bitsandbytes blockwise 8-bit, ~4x smaller), 4bit (blockwise normal-quantile 4-bit, ~7.8x smaller)",
+    )
+    error_feedback: bool = Field(
+        False, description="each peer adds what quantizing its last pseudo-gradient dropped to its next one"
     )
     target_group_size: int = Field(4, ge=1, description="largest all-reduce group; more peers form several groups")
     min_group_size: int = Field(2, ge=1, description="smallest group a round may run with")
@@ -300,7 +305,7 @@ def reference_markdown() -> str:
         "- `averaging.matchmaking_s`: a few seconds on a LAN; 10-15 s across continents. Peers that enter a round",
         "  within this window land in one group.",
         "- `averaging.allreduce_s`: about twice the time to send 2 x (pseudo-gradient bytes) over the slowest link",
-        "  of a group (fp32: 4 bytes/parameter; blockwise8: about 1). `next_chunk_s`: the longest silence tolerated",
+        "  of a group (fp32: 4 bytes/parameter; fp16/bf16: 2; blockwise8: 1; 4bit: 0.52). `next_chunk_s`: the longest silence tolerated",
         "  from one member before it is dropped (and the round fails).",
         "- `averaging.round_s`: the hard deadline of a whole round; at least 2 x matchmaking_s + allreduce_s.",
         "- `averaging.wait_for_peers_s`: how long a peer that finished its inner phase waits for same-epoch peers",

@@ -123,7 +123,10 @@ class Peer:
             target_group_size=run.target_group_size,
             min_group_size=run.min_group_size,
             state_fn=self._serve_state,
+            error_feedback=run.error_feedback,
         )
+        # Error feedback: what quantization dropped from our last contribution, sent with the next.
+        self.residual = torch.zeros(self.outer.size) if run.error_feedback else None
         if peer.checkpoint_dir:
             self._resume(peer.checkpoint_dir)
 
@@ -136,6 +139,9 @@ class Peer:
         if self.outer.state_hash != state["state_hash"]:
             raise CheckpointError(f"checkpoint in {directory} fails its digest check: move it away to start fresh")
         self.inner.load_state_dict(state["inner"])
+        residual = state.get("residual")
+        if self.residual is not None and isinstance(residual, torch.Tensor) and residual.shape == self.residual.shape:
+            self.residual.copy_(residual)
         try:
             self.stream.load_state_dict(state["data"])
         except ValueError:  # another peer id (no --identity) reads another shard: start that one afresh
@@ -155,6 +161,8 @@ class Peer:
                 momentum=self.outer.momentum_buffer.clone(),
             )
         state.update(inner=self.inner.state_dict(), data=self.stream.state_dict())
+        if self.residual is not None:
+            state["residual"] = self.residual.clone()
         path = checkpoint.save(self.peer_cfg.checkpoint_dir, state)
         log.log(level, "checkpoint of epoch %d saved to %s", state["epoch"], path)
 
@@ -185,6 +193,8 @@ class Peer:
                 compute_s += time.monotonic() - t0
                 local = flatten_parameters(self.model)
                 delta = self.outer.pseudo_gradient(local)
+                if self.residual is not None:
+                    delta += self.residual  # error feedback: what the codec dropped last time goes now
                 if not torch.isfinite(delta).all():
                     log.error("pseudo-gradient has NaN/Inf: discarding this epoch's work and re-syncing")
                     self._load_global_into_model()
@@ -255,9 +265,13 @@ class Peer:
     def _outer_step(self, result, delta, tokens, losses, compute_s, t_epoch) -> None:
         if isinstance(result, RoundResult):
             averaged, group, event = result.average, result, "outer_step"
+            if self.residual is not None and result.residual is not None:
+                self.residual.copy_(result.residual)
         else:
             averaged, group, event = delta, None, "solo_step"  # alone in the run: our delta is the swarm's average
             log.info("no other peer in the run: applying this peer's own pseudo-gradient")
+            if self.residual is not None:
+                self.residual.zero_()  # applied in full, nothing dropped
         with self.state_lock:
             self.outer.step(averaged)
             digest = self.outer.state_hash
@@ -279,6 +293,8 @@ class Peer:
                 allreduce_s=group.seconds if group else 0.0,
                 bytes_sent=group.bytes_sent if group else 0,
                 bytes_received=group.bytes_received if group else 0,
+                encode_s=group.encode_s if group else 0.0,
+                decode_s=group.decode_s if group else 0.0,
                 compute_s=compute_s,
                 wall_s=time.monotonic() - t_epoch,
                 val_loss=self._maybe_eval(),

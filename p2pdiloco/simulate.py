@@ -132,6 +132,10 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float) -> 
                 group_size=max((r["group_size"] for r in steps), default=0),
                 allreduce_s=statistics.mean(r["allreduce_s"] for r in steps) if steps else 0.0,
                 bytes_sent=sum(r["bytes_sent"] for r in steps),
+                bytes_received=sum(r.get("bytes_received", 0) for r in steps),
+                encode_s=sum(r.get("encode_s", 0.0) for r in steps),
+                decode_s=sum(r.get("decode_s", 0.0) for r in steps),
+                rounds=sum(1 for r in steps if r.get("event") == "outer_step"),
                 peers_reporting=len(hashes[epoch]),
                 distinct_states=len(set(hashes[epoch].values())),
             )
@@ -144,6 +148,12 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float) -> 
         consistent=all(len(set(h.values())) == 1 for h in hashes.values()),
         state_hashes={str(e): h for e, h in sorted(hashes.items())},
         bytes_sent_total=sum(r["bytes_sent"] for r in rows),
+        bytes_received_total=sum(r["bytes_received"] for r in rows),
+        # per peer and round: what one volunteer's link carries each time it averages
+        bytes_sent_per_round=sum(r["bytes_sent"] for r in rows) / max(1, sum(r["rounds"] for r in rows)),
+        bytes_received_per_round=sum(r["bytes_received"] for r in rows) / max(1, sum(r["rounds"] for r in rows)),
+        encode_s_total=sum(r["encode_s"] for r in rows),
+        decode_s_total=sum(r["decode_s"] for r in rows),
         wall_s=wall_s,
         epochs=rows,
     )
@@ -178,7 +188,7 @@ def print_table(summary: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"{summary['peers']} peers, {summary['epochs_completed']} epochs, {summary['wall_s']:.0f} s")
-    for col in ("epoch", "train loss", "val loss", "group", "all-reduce s", "bytes sent", "states"):
+    for col in ("epoch", "train loss", "val loss", "group", "all-reduce s", "sent", "received", "states"):
         table.add_column(col, justify="right")
     for r in summary["epochs"]:
         table.add_row(
@@ -188,6 +198,7 @@ def print_table(summary: dict) -> None:
             str(r["group_size"] or "-"),
             f"{r['allreduce_s']:.2f}",
             f"{r['bytes_sent'] / 1e6:.1f} MB",
+            f"{r['bytes_received'] / 1e6:.1f} MB",
             "identical" if r["distinct_states"] == 1 else f"{r['distinct_states']} DIFFER",
         )
     console = Console()

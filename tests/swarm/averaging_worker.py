@@ -19,7 +19,7 @@ from p2pdiloco.averaging import PseudoGradientAverager
 from p2pdiloco.config import AveragingConfig
 from p2pdiloco.errors import AveragingFailed
 
-SIZE = 300_000
+SIZE = 2_200_000  # at least 3 parts of ~512 KB with every codec, so every member reduces a slice
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     cfg = AveragingConfig(matchmaking_s=10.0, request_s=3.0, allreduce_s=60.0, next_chunk_s=30.0, round_s=90.0)
     avg = PseudoGradientAverager(
         dht, SIZE, prefix="avgtest", cfg=cfg, compression=compression, target_group_size=4, min_group_size=3,
-        state_fn=lambda: ({}, []),
+        state_fn=lambda: ({}, []), error_feedback=compression != "none",
     )
     # Barrier: start the round only once all three averagers are up, however slow the machine.
     ready = Path(out).with_suffix(".ready")
@@ -49,7 +49,8 @@ def main() -> None:
     try:
         result = avg.average(vector, epoch=7, state_hash="same", weight=rank + 1, gather={"rank": rank}, expected_size=3)
         torch.save({"input": vector, "average": result.average, "group": result.group, "sent": result.bytes_sent,
-                    "received": result.bytes_received}, out)
+                    "received": result.bytes_received, "encode_s": result.encode_s, "decode_s": result.decode_s,
+                    "residual": result.residual}, out)
     except AveragingFailed as e:
         torch.save({"error": str(e)}, out)
     finally:
