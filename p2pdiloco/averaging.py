@@ -102,13 +102,6 @@ class ConsistentAllReduceRunner(AllReduceRunner):
         me = self.ordered_peer_ids.index(self.peer_id)
         self._part_infos = [info for _, info in container._input_parts_by_peer[me]]
         self._serialized_averages: dict[int, Any] = {}
-        # Our replies to the other senders may still be on their way when our own result is
-        # complete; the round waits for them (bounded) so their bytes count in this round.
-        others = [p for p in self.sender_peer_ids if p != self.peer_id]
-        self._streams_left = len(others) if container.num_parts_by_peer[me] else 0
-        self.replies_sent = asyncio.Event()
-        if not self._streams_left:
-            self.replies_sent.set()
 
     def failed_values(self) -> int:
         return self.tensor_part_container.failed_size  # ...which is why any failure fails the round
@@ -215,9 +208,6 @@ class ConsistentAllReduceRunner(AllReduceRunner):
                 part_index += 1
                 yield reply
         finally:
-            self._streams_left -= 1
-            if self._streams_left <= 0:
-                self.replies_sent.set()
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
@@ -305,10 +295,6 @@ class _Averager(DecentralizedAverager):
             raise AllreduceException("p2pdiloco peers never run as auxiliaries")
         try:
             results = [averaged async for averaged in runner]
-            try:
-                await asyncio.wait_for(runner.replies_sent.wait(), timeout=runner.reducer_timeout or 30.0)
-            except asyncio.TimeoutError:
-                log.debug("replies of this round still in flight: their bytes count in the next round")
         finally:
             self.traffic[ENCODE_S], self.traffic[DECODE_S] = self._codec.encode_s, self._codec.decode_s
         if runner.failed_values():
@@ -395,6 +381,7 @@ class PseudoGradientAverager:
     ):
         self.cfg = cfg
         self.target_group_size = target_group_size
+        self._counted = torch.zeros(4, dtype=torch.float64)  # traffic counters at the last round's result
         self._averager = _Averager(
             [torch.zeros(size, dtype=torch.float32)],  # moved to shared memory; read and written under its lock
             dht,
@@ -426,6 +413,11 @@ class PseudoGradientAverager:
     def banned(self) -> list[str]:
         """Peers this peer's averager refuses: those that sent non-finite values, or were banned."""
         return self._call("_list_banned")
+
+    def traffic(self) -> dict[str, float]:
+        """Totals since start: ``bytes_sent``, ``bytes_received``, ``encode_s``, ``decode_s``."""
+        t = self._averager.traffic.clone()
+        return dict(bytes_sent=float(t[SENT]), bytes_received=float(t[RECEIVED]), encode_s=float(t[ENCODE_S]), decode_s=float(t[DECODE_S]))
 
     def set_state_priority(self, epoch: int) -> None:
         """Newcomers try donors with the highest epoch first."""
@@ -464,7 +456,6 @@ class PseudoGradientAverager:
             self._call("_set_expected_group_size", size=min(expected_size or self.target_group_size, self.target_group_size))
         except Exception as e:
             raise AveragingFailed(f"the averager did not answer: {e!r}") from None
-        before = self._averager.traffic.clone()
         started = time.monotonic()
         control = self._averager.step(
             gather=dict(gather, epoch=epoch, state_hash=state_hash), weight=float(weight), timeout=2 * cfg.matchmaking_s,
@@ -485,7 +476,11 @@ class PseudoGradientAverager:
         states = {(data.get("epoch"), data.get("state_hash")) if isinstance(data, dict) else None for data in gathered.values()}
         if states != {(epoch, state_hash)}:
             raise AveragingFailed(f"group mixed states {sorted(map(str, states))}; round discarded")
-        traffic = self._averager.traffic - before
+        # Counted since the previous round's result, not since this round's start: a reducer's
+        # last replies can still be on their way when its own result is complete, and their bytes
+        # then count in the next round instead of being lost. Totals over a run are exact.
+        now = self._averager.traffic.clone()
+        traffic, self._counted = now - self._counted, now
         with self._averager.get_tensors() as (buffer,):
             average = buffer.clone()
         if not torch.isfinite(average).all():  # e.g. our own slice, if we were the one sending NaN

@@ -188,8 +188,9 @@ def print_table(summary: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"{summary['peers']} peers, {summary['epochs_completed']} epochs, {summary['wall_s']:.0f} s")
-    for col in ("epoch", "train loss", "val loss", "group", "all-reduce s", "sent", "received", "states"):
+    for col in ("epoch", "train", "val", "group", "all-reduce s", "MB sent", "MB recv"):
         table.add_column(col, justify="right")
+    table.add_column("states", justify="right", no_wrap=True, min_width=9)  # "identical" must stay readable
     for r in summary["epochs"]:
         table.add_row(
             str(r["epoch"]),
@@ -197,8 +198,8 @@ def print_table(summary: dict) -> None:
             "-" if r["val_loss"] is None else f"{r['val_loss']:.3f}",
             str(r["group_size"] or "-"),
             f"{r['allreduce_s']:.2f}",
-            f"{r['bytes_sent'] / 1e6:.1f} MB",
-            f"{r['bytes_received'] / 1e6:.1f} MB",
+            f"{r['bytes_sent'] / 1e6:.1f}",
+            f"{r['bytes_received'] / 1e6:.1f}",
             "identical" if r["distinct_states"] == 1 else f"{r['distinct_states']} DIFFER",
         )
     console = Console()

@@ -46,13 +46,13 @@ def main() -> None:
         time.sleep(0.1)
     gen = torch.Generator().manual_seed(rank)
     vector = torch.randn(SIZE, generator=gen) * (rank + 1)
+    record = {}
     try:
         result = avg.average(vector, epoch=7, state_hash="same", weight=rank + 1, gather={"rank": rank}, expected_size=3)
-        torch.save({"input": vector, "average": result.average, "group": result.group, "sent": result.bytes_sent,
-                    "received": result.bytes_received, "encode_s": result.encode_s, "decode_s": result.decode_s,
-                    "residual": result.residual}, out)
+        record = {"input": vector, "average": result.average, "group": result.group, "encode_s": result.encode_s,
+                  "decode_s": result.decode_s, "residual": result.residual}
     except AveragingFailed as e:
-        torch.save({"error": str(e)}, out)
+        record = {"error": str(e)}
     finally:
         # A member that finished first must not stop its p2pd while a slower one still reads the
         # last averaged part from it (that member's round would fail): wait for all to finish.
@@ -60,6 +60,9 @@ def main() -> None:
         deadline = time.monotonic() + 120
         while len(list(ready.parent.glob("*.done"))) < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
+        # Bytes once every member is done: a reducer's last replies may leave after its own result.
+        traffic = avg.traffic()
+        torch.save(dict(record, sent=traffic["bytes_sent"], received=traffic["bytes_received"]), out)
         avg.shutdown()
         dht.shutdown()
 

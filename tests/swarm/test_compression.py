@@ -19,18 +19,20 @@ def test_three_peers_stay_identical_with_a_quantized_codec_and_error_feedback(lo
     assert swarm.wait_exit(range(3), 300) == [0, 0, 0]
 
     swarm.assert_consistent(range(3))
-    rounds = [r for i in range(3) for r in swarm.metrics(i) if r.get("event") == "outer_step"]
-    full = [r for r in rounds if r["group_size"] == 3]
+    full = [r for i in range(3) for r in swarm.metrics(i) if r.get("event") == "outer_step" and r["group_size"] == 3]
     assert len({r["epoch"] for r in full}) >= 3, "the three peers rarely averaged together"
     saved = [torch.load(checkpoint.checkpoint_path(tmp_path / f"ckpt{i}"), weights_only=True) for i in range(3)]
     size = saved[0]["params"].numel()
-    fp32 = 4 * 4 * size  # per group of 3 and round: the parts for the 2 others' slices, and our averages twice
-    for epoch in {r["epoch"] for r in full}:
-        group = [r for r in full if r["epoch"] == epoch]
-        if len(group) == 3:
-            sent, received = sum(r["bytes_sent"] for r in group), sum(r["bytes_received"] for r in group)
-            assert fp32 / ratio / 1.25 < sent < fp32 / ratio * 1.05, (sent, fp32)
-            assert fp32 / ratio / 1.25 < received < fp32 / ratio * 1.05, (received, fp32)
+    # Over a round of a group of g, every value crosses the wire 2(g-1) times: each non-reducer
+    # sends it to its reducer, which sends the average back to each of them. A member's record
+    # counts the bytes since its previous round (a reducer's last replies may leave after its own
+    # result), so compare totals over the run: each of the g members' records carries 1/g of it.
+    rounds = [r for i in range(3) for r in swarm.metrics(i) if r.get("event") == "outer_step"]
+    fp32 = sum(2 * (r["group_size"] - 1) * 4 * size / r["group_size"] for r in rounds)
+    sent, received = sum(r["bytes_sent"] for r in rounds), sum(r["bytes_received"] for r in rounds)
+    # (upper bound: a failed round's bytes count too, in the next successful round's record)
+    assert fp32 / ratio / 1.25 < sent < fp32 / ratio * 1.3, (sent, fp32)
+    assert fp32 / ratio / 1.25 < received < fp32 / ratio * 1.3, (received, fp32)
     assert all(r["encode_s"] > 0 and r["decode_s"] > 0 for r in full)
     for state in saved:  # the residual is part of the checkpoint: the right size, finite and small
         residual = state["residual"]
