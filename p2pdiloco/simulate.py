@@ -140,6 +140,8 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float) -> 
                 distinct_states=len(set(hashes[epoch].values())),
             )
         )
+    sent, received = sum(r["bytes_sent"] for r in rows), sum(r["bytes_received"] for r in rows)
+    rounds = max(1, sum(r["rounds"] for r in rows))
     return dict(
         peers=num_peers,
         epochs_completed=completed,
@@ -147,11 +149,11 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float) -> 
         val_loss_final=val.get(max(val)) if val else None,
         consistent=all(len(set(h.values())) == 1 for h in hashes.values()),
         state_hashes={str(e): h for e, h in sorted(hashes.items())},
-        bytes_sent_total=sum(r["bytes_sent"] for r in rows),
-        bytes_received_total=sum(r["bytes_received"] for r in rows),
+        bytes_sent_total=sent,
+        bytes_received_total=received,
         # per peer and round: what one volunteer's link carries each time it averages
-        bytes_sent_per_round=sum(r["bytes_sent"] for r in rows) / max(1, sum(r["rounds"] for r in rows)),
-        bytes_received_per_round=sum(r["bytes_received"] for r in rows) / max(1, sum(r["rounds"] for r in rows)),
+        bytes_sent_per_round=sent / rounds,
+        bytes_received_per_round=received / rounds,
         encode_s_total=sum(r["encode_s"] for r in rows),
         decode_s_total=sum(r["decode_s"] for r in rows),
         wall_s=wall_s,
