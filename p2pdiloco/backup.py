@@ -36,14 +36,11 @@ class StateBackup:
         swarm.check_fingerprint(dht, self.run.name, self.fingerprint, self.run.canonical(), ttl=3600.0)
         self.peer_id = str(dht.peer_id)
         self.lock = threading.Lock()
-        self.outer = OuterState(
-            flatten_parameters(model.build_model(self.run.model)), optimizer=self.run.outer_optimizer,
-            lr=self.run.outer_lr, momentum=self.run.outer_momentum,
-        )
+        self.outer = OuterState.for_run(flatten_parameters(model.build_model(self.run.model)), self.run)
         self.held = False  # whether self.outer is a copy of the swarm's state (not just the init)
         saved = checkpoint.load(directory, fingerprint=self.fingerprint, size=self.outer.size)
         if saved is not None:
-            self.outer.load(saved["epoch"], saved["params"], saved["momentum"], expected_hash=saved["state_hash"])
+            self.outer.load_checkpoint(saved)
             self.held = True
             log.info("backup: reloaded the state of epoch %d from %s", self.outer.epoch, directory)
         self.averager = PseudoGradientAverager(
@@ -57,8 +54,7 @@ class StateBackup:
 
     def _serve(self):
         with self.lock:
-            meta = dict(epoch=self.outer.epoch, state_hash=self.outer.state_hash, fingerprint=self.fingerprint)
-            return meta, [t.clone() for t in self.outer.tensors()]
+            return dict(self.outer.meta(), fingerprint=self.fingerprint), [t.clone() for t in self.outer.tensors()]
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.every_s):
@@ -85,19 +81,18 @@ class StateBackup:
         donors = sorted(p for p, r in live.items() if r.epoch == epoch and r.state_hash == target)
         try:
             donor, meta, tensors = self.averager.download_state(donors, timeout=self.peer_cfg.state_download_s)
-            if not isinstance(meta, dict) or meta.get("fingerprint") != self.fingerprint or len(tensors) != 2:
+            if not isinstance(meta, dict) or meta.get("fingerprint") != self.fingerprint or not isinstance(meta.get("epoch"), int):
                 raise StateDownloadFailed(f"{donor} served a malformed state")
             with self.lock:  # load() checks values and digest first: a bad state leaves ours untouched
-                self.outer.load(meta["epoch"], *tensors, expected_hash=meta.get("state_hash"))
+                self.outer.load(meta["epoch"], tensors, expected_hash=meta.get("state_hash"), pending=meta.get("pending", 0))
                 self.held = True
         except StateDownloadFailed as e:
             log.warning("backup: %s", e)
             return
         self.averager.set_state_priority(self.outer.epoch)
-        checkpoint.save(self.directory, dict(
-            fingerprint=self.fingerprint, epoch=self.outer.epoch, state_hash=self.outer.state_hash,
-            params=self.outer.params.clone(), momentum=self.outer.momentum_buffer.clone(), inner=None, data=None,
-        ))
+        with self.lock:
+            fields = self.outer.checkpoint_fields()
+        checkpoint.save(self.directory, dict(fingerprint=self.fingerprint, inner=None, data=None, **fields))
         log.info("backup: state of epoch %d (from %s) saved to %s", self.outer.epoch, donor[-6:], self.directory)
 
     def _publish(self) -> None:

@@ -130,9 +130,23 @@ class RunConfig(_Strict):
     name: str = Field("p2pdiloco", pattern=r"^[A-Za-z0-9_-]+$", description="the run's DHT namespace")
     seed: int = Field(0, description="seeds data order (per shard); the model init has its own seed")
     inner_steps: int = Field(50, gt=0, description="H: inner AdamW steps per epoch")
-    outer_optimizer: Literal["nesterov", "sgd"] = Field("nesterov", description="nesterov (DiLoCo) or sgd (plain averaging)")
-    outer_lr: float = Field(0.7, gt=0, description="outer learning rate (DiLoCo: 0.7)")
-    outer_momentum: float = Field(0.9, ge=0, lt=1, description="outer Nesterov momentum (DiLoCo: 0.9)")
+    outer_optimizer: Literal["nesterov", "delayed_nesterov", "sgd", "slowmo"] = Field(
+        "nesterov",
+        description="nesterov (DiLoCo), delayed_nesterov (momentum once per outer_delay contributions: for rounds "
+        "that miss peers), sgd (plain averaging), slowmo (heavy ball); see docs/heterogeneous.md",
+    )
+    outer_lr: float = Field(0.7, gt=0, description="outer learning rate (DiLoCo: 0.7; slowmo: 1.0)")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="outer momentum (DiLoCo: 0.9; slowmo: 0.5)")
+    outer_delay: int = Field(
+        0, ge=0, description="delayed_nesterov: peers' contributions per momentum update (N); 0 = target_group_size"
+    )
+    dynamic_local_updates: bool = Field(
+        True, description="each peer runs inner_steps x its speed / the fastest peer's speed per epoch (DyLU)"
+    )
+    min_inner_steps: int = Field(1, gt=0, description="DyLU: the fewest inner steps a slow peer runs per epoch")
+    overlap: bool = Field(
+        True, description="average in the background while the next epoch's inner steps run (keeps their progress)"
+    )
     compression: Literal["none", "fp16", "bf16", "blockwise8", "4bit"] = Field(
         "none",
         description="pseudo-gradient codec on the wire, both directions: none (fp32), fp16, bf16, blockwise8 "
@@ -152,9 +166,16 @@ class RunConfig(_Strict):
     def _group_sizes(self) -> "RunConfig":
         if self.min_group_size > self.target_group_size:
             raise ValueError("run.min_group_size must not exceed run.target_group_size")
+        if self.min_inner_steps > self.inner_steps:
+            raise ValueError(f"run.min_inner_steps ({self.min_inner_steps}) must not exceed run.inner_steps ({self.inner_steps})")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"run.data.seq_len ({self.data.seq_len}) exceeds run.model.max_seq_len ({self.model.max_seq_len})")
         return self
+
+    @property
+    def dn_delay(self) -> int:
+        """delayed_nesterov's N: ``outer_delay``, or the target group size when 0."""
+        return self.outer_delay or self.target_group_size
 
     def canonical(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())

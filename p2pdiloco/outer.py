@@ -1,17 +1,31 @@
 """The epoch-keyed outer state and the outer optimizers (pure torch, no network).
 
 The global state at epoch ``e`` is ``(theta_e, m_e, e)``: the flat fp32 global parameters, the
-outer momentum and the number of outer steps applied so far. Every peer of the swarm holds the
-same bytes for the same epoch; :meth:`OuterState.digest` is how they check it.
+outer momentum and the number of outer steps applied so far (plus, for ``delayed_nesterov``, the
+contributions buffered since its last momentum update). Every peer of the swarm holds the same
+bytes for the same epoch; :meth:`OuterState.digest` is how they check it.
 
-DiLoCo's outer step is SGD with Nesterov momentum on the averaged pseudo-gradient
-``delta = theta_e - theta_local`` (before minus after, so it points like a gradient):
+Each outer step consumes one averaged pseudo-gradient ``delta = theta_e - theta_local`` (before
+minus after, so it points like a gradient) made of ``k`` peers' contributions (the round's group).
+The optimizers, with ``lr`` and ``mu`` the run's ``outer_lr`` and ``outer_momentum``:
 
-    m_{e+1}     = mu * m_e + delta
-    theta_{e+1} = theta_e - lr * (delta + mu * m_{e+1})
-
-which is exactly ``torch.optim.SGD(lr, momentum=mu, nesterov=True)`` (a unit test holds it to
-that). ``sgd`` is plain averaging scaled by ``lr`` (FedAvg when ``lr = 1``).
+``nesterov`` (DiLoCo)
+    ``m <- mu m + delta;  theta <- theta - lr (delta + mu m)``, exactly
+    ``torch.optim.SGD(lr, momentum=mu, nesterov=True)`` (a unit test holds it to that).
+``delayed_nesterov`` (DN, Liu et al. 2024, Algorithm 3 with c = 0)
+    Momentum moves once per ``N`` contributions (``run.outer_delay``); in between, each round
+    is a plain step ``theta <- theta - lr (k/N) delta`` whose ``(k/N) delta`` is also added to a
+    buffer. At the round that brings the count to ``N`` or more: ``m <- mu m + buffer`` and
+    ``theta <- theta - lr ((k/N) delta + mu m)``, then the buffer empties. Over a window this is
+    one Nesterov step on the window's contributions, so rounds that bring only part of the swarm
+    (stragglers, late work) no longer each get a full momentum step, which is what makes naive
+    asynchronous DiLoCo worse than synchronous (the paper's Eq. 5). With every round bringing
+    ``k = N`` contributions it *is* ``nesterov``, bit for bit (a unit test).
+``sgd``
+    ``theta <- theta - lr delta``: plain averaging (FedAvg when ``lr = 1``).
+``slowmo`` (Wang et al. 2020, heavy ball on the pseudo-gradient)
+    ``m <- mu m + delta;  theta <- theta - lr m``. SlowMo's defaults are ``lr = 1``, ``mu = 0.5``
+    (higher ``mu`` for more peers); the base learning rate it divides by is folded into delta.
 """
 
 from __future__ import annotations
@@ -40,25 +54,55 @@ def load_flat_parameters(model: torch.nn.Module, flat: torch.Tensor) -> None:
         raise ValueError(f"flat vector has {flat.numel()} values, the model {offset}")
 
 
-def state_digest(epoch: int, params: torch.Tensor, momentum: torch.Tensor) -> str:
-    """Hex digest of (epoch, parameters, momentum): equal on two peers iff their states are identical."""
-    h = hashlib.sha256(str(int(epoch)).encode())
-    h.update(params.numpy().tobytes())
-    h.update(momentum.numpy().tobytes())
+OUTER_OPTIMIZERS = ("nesterov", "delayed_nesterov", "sgd", "slowmo")
+
+
+def state_digest(epoch: int, params: torch.Tensor, momentum: torch.Tensor, *extra: torch.Tensor, pending: int = 0) -> str:
+    """Hex digest of the whole outer state: equal on two peers iff their states are identical."""
+    h = hashlib.sha256(str(int(epoch)).encode() if not pending else f"{int(epoch)}+{int(pending)}".encode())
+    for t in (params, momentum, *extra):
+        h.update(t.numpy().tobytes())
     return h.hexdigest()[:32]
 
 
 class OuterState:
-    """Global parameters, outer momentum and epoch, with the outer optimizer that advances them."""
+    """Global parameters, outer momentum and epoch, with the outer optimizer that advances them.
 
-    def __init__(self, params: torch.Tensor, *, optimizer: str, lr: float, momentum: float, epoch: int = 0):
-        if optimizer not in ("nesterov", "sgd"):
-            raise ValueError(f"unknown outer optimizer '{optimizer}'")
+    ``delay`` is DN's ``N`` (contributions per momentum update); the other optimizers ignore it.
+    """
+
+    def __init__(self, params: torch.Tensor, *, optimizer: str, lr: float, momentum: float, delay: int = 1, epoch: int = 0):
+        if optimizer not in OUTER_OPTIMIZERS:
+            raise ValueError(f"unknown outer optimizer '{optimizer}': choose one of {', '.join(OUTER_OPTIMIZERS)}")
+        if delay < 1:
+            raise ValueError("the delayed Nesterov delay must be at least 1 contribution")
         self.params = params.detach().to(torch.float32).clone()
         self.momentum_buffer = torch.zeros_like(self.params)
-        self.optimizer, self.lr, self.momentum = optimizer, lr, momentum
+        self.optimizer, self.lr, self.momentum, self.delay = optimizer, lr, momentum, delay
+        # DN only: the plain steps' (k/N) delta summed since the last momentum update, and how
+        # many contributions they hold. Part of the shared state (digest, downloads, checkpoints).
+        self.buffer = torch.zeros_like(self.params) if optimizer == "delayed_nesterov" else None
+        self.pending = 0
         self.epoch = epoch
         self._state_hash: str | None = None  # memo of digest(); step() and load() clear it
+
+    @classmethod
+    def for_run(cls, params: torch.Tensor, run) -> "OuterState":
+        """The outer state a peer of ``run`` (a :class:`~p2pdiloco.config.RunConfig`) starts from."""
+        return cls(params, optimizer=run.outer_optimizer, lr=run.outer_lr, momentum=run.outer_momentum, delay=run.dn_delay)
+
+    def checkpoint_fields(self) -> dict:
+        """Copies of everything a checkpoint needs to restore this state with :meth:`load_checkpoint`."""
+        fields = dict(epoch=self.epoch, state_hash=self.state_hash, pending=self.pending,
+                      params=self.params.clone(), momentum=self.momentum_buffer.clone())
+        if self.buffer is not None:
+            fields["buffer"] = self.buffer.clone()
+        return fields
+
+    def load_checkpoint(self, saved: dict) -> None:
+        """Restore from :meth:`checkpoint_fields` (as saved), checking the digest."""
+        tensors = [saved.get("params"), saved.get("momentum")] + ([saved.get("buffer")] if self.buffer is not None else [])
+        self.load(saved["epoch"], tensors, expected_hash=saved.get("state_hash"), pending=saved.get("pending", 0))
 
     @property
     def size(self) -> int:
@@ -69,13 +113,29 @@ class OuterState:
         return torch.sub(self.params, local_params, out=out)
 
     @torch.no_grad()
-    def step(self, delta: torch.Tensor) -> None:
-        """Apply the averaged pseudo-gradient of this epoch and advance to the next epoch."""
+    def step(self, delta: torch.Tensor, contributions: int = 1) -> None:
+        """Apply the averaged pseudo-gradient of this epoch (``contributions``: how many peers'
+        pseudo-gradients it averages) and advance to the next epoch."""
         if not torch.isfinite(delta).all():  # the last line of defence: a NaN here ends the run
             raise ValueError("refusing an outer step with a non-finite pseudo-gradient")
+        mu = self.momentum
         if self.optimizer == "nesterov":
-            self.momentum_buffer.mul_(self.momentum).add_(delta)
-            self.params.sub_(delta + self.momentum * self.momentum_buffer, alpha=self.lr)
+            self.momentum_buffer.mul_(mu).add_(delta)
+            self.params.sub_(delta + mu * self.momentum_buffer, alpha=self.lr)
+        elif self.optimizer == "delayed_nesterov":
+            plain = delta * (contributions / self.delay)  # exactly delta when k = N
+            self.buffer.add_(plain)
+            self.pending += contributions
+            if self.pending >= self.delay:
+                self.momentum_buffer.mul_(mu).add_(self.buffer)
+                self.params.sub_(plain + mu * self.momentum_buffer, alpha=self.lr)
+                self.buffer.zero_()
+                self.pending = 0
+            else:
+                self.params.sub_(plain, alpha=self.lr)
+        elif self.optimizer == "slowmo":
+            self.momentum_buffer.mul_(mu).add_(delta)
+            self.params.sub_(self.momentum_buffer, alpha=self.lr)
         else:
             self.params.sub_(delta, alpha=self.lr)
         self.epoch += 1
@@ -83,7 +143,7 @@ class OuterState:
 
     def digest(self) -> str:
         """:func:`state_digest` of this state."""
-        return state_digest(self.epoch, self.params, self.momentum_buffer)
+        return state_digest(self.epoch, *self.tensors(), pending=self.pending)
 
     @property
     def state_hash(self) -> str:
@@ -94,19 +154,32 @@ class OuterState:
         return self._state_hash
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.params, self.momentum_buffer]
+        """The state's tensors, in the order :meth:`load` takes them: parameters, momentum and,
+        for ``delayed_nesterov``, the buffer."""
+        return [self.params, self.momentum_buffer] + ([self.buffer] if self.buffer is not None else [])
 
-    def load(self, epoch: int, params: torch.Tensor, momentum: torch.Tensor, expected_hash: str | None = None) -> None:
-        """Replace the state with a downloaded one, after checking its shape, values and (if
-        given) digest; a state that fails a check leaves this one untouched."""
-        for name, t in (("parameters", params), ("momentum", momentum)):
-            if t.shape != self.params.shape or t.dtype != torch.float32:
-                raise StateDownloadFailed(f"state {name} have shape {tuple(t.shape)} {t.dtype}, expected {tuple(self.params.shape)} float32")
+    def meta(self) -> dict:
+        """The state's scalars, as served to newcomers and saved in checkpoints."""
+        return dict(epoch=self.epoch, pending=self.pending, state_hash=self.state_hash)
+
+    def load(self, epoch: int, tensors, expected_hash: str | None = None, pending: int = 0) -> None:
+        """Replace the state with a downloaded one (``tensors`` as :meth:`tensors` lists them), after
+        checking their number, shapes, values and (if given) the digest; a state that fails a check
+        leaves this one untouched."""
+        tensors = list(tensors)
+        names = ["parameters", "momentum", "delayed Nesterov buffer"][: len(self.tensors())]
+        if len(tensors) != len(names):
+            raise StateDownloadFailed(f"state has {len(tensors)} tensors, expected {len(names)} ({', '.join(names)})")
+        if not isinstance(pending, int) or not 0 <= pending < max(self.delay, 1) or (pending and self.buffer is None):
+            raise StateDownloadFailed(f"state has an invalid pending count {pending!r}")
+        for name, t in zip(names, tensors):
+            if not isinstance(t, torch.Tensor) or t.shape != self.params.shape or t.dtype != torch.float32:
+                raise StateDownloadFailed(f"state {name} is not a float32 tensor of shape {tuple(self.params.shape)}")
             if not torch.isfinite(t).all():
                 raise StateDownloadFailed(f"state {name} contain NaN or Inf")
-        if expected_hash is not None and state_digest(epoch, params, momentum) != expected_hash:
+        if expected_hash is not None and state_digest(epoch, *tensors, pending=pending) != expected_hash:
             raise StateDownloadFailed("state does not match its digest")
-        self.params.copy_(params)
-        self.momentum_buffer.copy_(momentum)
-        self.epoch = int(epoch)
+        for mine, theirs in zip(self.tensors(), tensors):
+            mine.copy_(theirs)
+        self.epoch, self.pending = int(epoch), pending
         self._state_hash = None

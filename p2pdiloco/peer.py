@@ -111,9 +111,7 @@ class Peer:
         order_seed = run.seed ^ int(hashlib.sha256(self.peer_id.encode()).hexdigest()[:8], 16)
         self.stream = data.TokenStream(run.data, run.model.vocab_size, cache, shard_key=self.peer_id, seed=order_seed)
         self.val_batches = self.stream.val_batches()
-        self.outer = OuterState(
-            flatten_parameters(self.model), optimizer=run.outer_optimizer, lr=run.outer_lr, momentum=run.outer_momentum
-        )
+        self.outer = OuterState.for_run(flatten_parameters(self.model), run)
         self.averager = PseudoGradientAverager(
             self.dht,
             self.outer.size,
@@ -135,9 +133,10 @@ class Peer:
         state = checkpoint.load(directory, fingerprint=self.fingerprint, size=self.outer.size)
         if state is None:
             return
-        self.outer.load(state["epoch"], state["params"], state["momentum"])
-        if self.outer.state_hash != state["state_hash"]:
-            raise CheckpointError(f"checkpoint in {directory} fails its digest check: move it away to start fresh")
+        try:
+            self.outer.load_checkpoint(state)
+        except StateDownloadFailed as e:
+            raise CheckpointError(f"checkpoint in {directory} fails its check ({e}): move it away to start fresh") from None
         self.inner.load_state_dict(state["inner"])
         residual = state.get("residual")
         if self.residual is not None and isinstance(residual, torch.Tensor) and residual.shape == self.residual.shape:
@@ -153,13 +152,7 @@ class Peer:
     def save_checkpoint(self, level: int = logging.DEBUG) -> None:
         """Write the global state, inner optimizer and data position (atomically)."""
         with self.state_lock:
-            state = dict(
-                fingerprint=self.fingerprint,
-                epoch=self.outer.epoch,
-                state_hash=self.outer.state_hash,
-                params=self.outer.params.clone(),
-                momentum=self.outer.momentum_buffer.clone(),
-            )
+            state = dict(fingerprint=self.fingerprint, **self.outer.checkpoint_fields())
         state.update(inner=self.inner.state_dict(), data=self.stream.state_dict())
         if self.residual is not None:
             state["residual"] = self.residual.clone()
@@ -273,7 +266,7 @@ class Peer:
             if self.residual is not None:
                 self.residual.zero_()  # applied in full, nothing dropped
         with self.state_lock:
-            self.outer.step(averaged)
+            self.outer.step(averaged, contributions=len(group.group) if group else 1)
             digest = self.outer.state_hash
         self.averager.set_state_priority(self.outer.epoch)
         self._load_global_into_model()
@@ -428,10 +421,10 @@ class Peer:
             try:
                 if not isinstance(meta, dict) or meta.get("fingerprint") != self.fingerprint:
                     raise StateDownloadFailed("a state of another run config")
-                if not isinstance(meta.get("epoch"), int) or len(tensors) != 2:
+                if not isinstance(meta.get("epoch"), int):
                     raise StateDownloadFailed("a malformed state")
                 with self.state_lock:
-                    self.outer.load(meta["epoch"], *tensors, expected_hash=meta.get("state_hash"))
+                    self.outer.load(meta["epoch"], tensors, expected_hash=meta.get("state_hash"), pending=meta.get("pending", 0))
             except StateDownloadFailed as e:
                 # Not a network hiccup: the donor holds or sends a broken state. Ignore it from now
                 # on, or this peer would keep trying it instead of training.
@@ -456,8 +449,7 @@ class Peer:
 
     def _serve_state(self):
         with self.state_lock:
-            meta = dict(epoch=self.outer.epoch, state_hash=self.outer.state_hash, fingerprint=self.fingerprint)
-            return meta, [t.clone() for t in self.outer.tensors()]
+            return dict(self.outer.meta(), fingerprint=self.fingerprint), [t.clone() for t in self.outer.tensors()]
 
     def _load_global_into_model(self) -> None:
         load_flat_parameters(self.model, self.outer.params.to(self.device))
