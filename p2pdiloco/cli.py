@@ -143,13 +143,18 @@ def simulate(
     out: Path = typer.Option(Path("runs/simulate"), help="Folder for metrics, logs, summary.json and the plot."),
     timeout: Optional[float] = typer.Option(None, help="Give up after this many seconds (default: sized from the recipe)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    speeds: Optional[str] = typer.Option(
+        None, help="EMULATION: each peer's speed as a fraction of this machine's, e.g. 1,0.5,0.25 (peers sleep "
+        "after each step; sets peer.emulate_speed)."
+    ),
 ) -> None:
     """Start a coordinator and N peers on this machine, train, and summarize (the main job)."""
     _setup_logging("warning")
-    from p2pdiloco.simulate import run_simulation
+    from p2pdiloco.simulate import parse_speeds, run_simulation
 
     try:
-        summary = run_simulation(config, overrides=list(set_), num_peers=peers, epochs=epochs, out=out, timeout=timeout)
+        summary = run_simulation(config, overrides=list(set_), num_peers=peers, epochs=epochs, out=out, timeout=timeout,
+                                 speeds=parse_speeds(speeds, peers))
     except P2PDilocoError as e:
         _fail(e)
     if not summary["consistent"] or summary["epochs_completed"] < epochs:

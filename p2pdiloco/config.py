@@ -111,8 +111,9 @@ class AveragingConfig(_Strict):
     allreduce_s: float = Field(60.0, gt=0, description="one all-reduce attempt, after the group formed")
     next_chunk_s: float = Field(10.0, gt=0, description="silence from a group member before it is dropped")
     round_s: float = Field(120.0, gt=0, description="hard deadline on a whole round (matchmaking + all-reduce)")
-    wait_for_peers_s: float = Field(
-        60.0, ge=0, description="how long a ready peer waits for same-epoch peers still training (lock-step)"
+    grace_s: float = Field(
+        60.0, ge=0, description="grace time: how long a ready peer waits for same-epoch peers still training; "
+        "stragglers later than this miss the round and bring their work to a later one",
     )
 
     @model_validator(mode="after")
@@ -200,6 +201,11 @@ class PeerConfig(_Strict):
     cache_dir: str = Field(
         default_factory=lambda: os.environ.get("P2PDILOCO_CACHE", "~/.cache/p2pdiloco"),
         description="tokenizers and tokenized corpora (default: $P2PDILOCO_CACHE or ~/.cache/p2pdiloco)",
+    )
+    emulate_speed: float = Field(
+        1.0, gt=0, le=1,
+        description="EMULATION for tests and benchmarks: run at this fraction of the hardware's speed by sleeping "
+        "after each inner step (1 = off); never use it to train",
     )
     eval_every: int = Field(1, ge=0, description="evaluate the global parameters every N epochs; 0 = never")
     checkpoint_dir: str | None = Field(
@@ -329,7 +335,7 @@ def reference_markdown() -> str:
         "  of a group (fp32: 4 bytes/parameter; fp16/bf16: 2; blockwise8: 1; 4bit: 0.52). `next_chunk_s`: the longest silence tolerated",
         "  from one member before it is dropped (and the round fails).",
         "- `averaging.round_s`: the hard deadline of a whole round; at least 2 x matchmaking_s + allreduce_s.",
-        "- `averaging.wait_for_peers_s`: how long a peer that finished its inner phase waits for same-epoch peers",
+        "- `averaging.grace_s`: how long a peer that finished its inner phase waits for same-epoch peers",
         "  still training; about the spread of epoch durations across peers.",
         "- `peer.heartbeat_s`: a peer silent for 3 heartbeats is considered gone; keep it well below an epoch.",
         "- `peer.state_download_s`: the time to download 2 x parameters x 4 bytes over this peer's link, doubled.",

@@ -2,18 +2,22 @@
 
 Each epoch (see :meth:`Peer.run`, the whole algorithm on one screen):
 
-1. make sure this peer holds the swarm's state for its epoch (download it if behind or forked);
-2. run H inner AdamW steps from the global parameters theta_e;
-3. pseudo-gradient delta = theta_e - theta_local;
-4. average delta with the same-epoch peers (consistent all-reduce, weighted by tokens);
-5. outer Nesterov step -> theta_{e+1}, identical on every member; load it and go on.
+1. run inner AdamW steps from the global parameters theta_e: ``inner_steps`` (H), or with dynamic
+   local updates H x (our speed / the fastest peer's), so peers of unequal speed finish together;
+2. pseudo-gradient delta = theta_e - theta_local;
+3. average delta with the same-epoch peers (consistent all-reduce, weighted by tokens), in the
+   background while the next epoch's inner steps already run (overlap);
+4. outer step (Nesterov, delayed Nesterov, SGD or SlowMo) -> theta_{e+1}, identical on every
+   member; move the model onto it, keeping the steps trained while the round ran (rebase).
 
-A failed round is never applied: the peer retries, or catches up from a peer that is ahead. A
-peer applies an outer step on its own delta only when it is alone in the run.
+A failed round is never applied: its work stays and goes with the next attempt. A peer that is
+behind or on a losing fork downloads the swarm's state and rebases its work onto it. A peer applies
+an outer step on its own delta only when it is alone in the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,11 +26,12 @@ import signal
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from p2pdiloco import checkpoint, faults, swarm
+from p2pdiloco import checkpoint, faults, pace, swarm
 from p2pdiloco.averaging import PseudoGradientAverager, RoundResult
 from p2pdiloco.config import Recipe
 from p2pdiloco.errors import AveragingFailed, CheckpointError, OutOfMemory, StateDownloadFailed, is_out_of_memory
@@ -35,6 +40,16 @@ from p2pdiloco.outer import OuterState, flatten_parameters, load_flat_parameters
 log = logging.getLogger("p2pdiloco")
 
 CONFIG_TTL_S = 3600.0  # the run config record's lifetime; every peer refreshes it each epoch
+
+
+@dataclasses.dataclass
+class PendingRound:
+    """A round running in the background: its future, what was sent, and what it was measured to."""
+
+    future: Future
+    delta: torch.Tensor  # the pseudo-gradient sent (error feedback included)
+    base: torch.Tensor  # the local parameters it was measured to: the rebase point when it lands
+    sent: pace.Work  # the work it carries
 
 
 class Peer:
@@ -94,6 +109,14 @@ class Peer:
         self.departed: set[str] = set()  # ...and those that announced leaving
         self.cut_off_since: float | None = None
         self.backups: dict[str, swarm.Progress] = {}  # coordinators keeping a copy of the state
+        self.known_others: dict[str, swarm.Progress] = {}  # the last records read (for their speeds)
+        self.speedometer = pace.Speedometer(peer.emulate_speed, recipe.run.inner_steps, self.stop_requested)
+        self.work = pace.Work(started_epoch=self.outer.epoch)  # trained and not yet averaged
+        self.attempt_from = 0  # work.steps when the last round was started: the next waits for a budget more
+        self.budget = recipe.run.inner_steps
+        self.round: PendingRound | None = None
+        self.round_runner = ThreadPoolExecutor(1, thread_name_prefix="round")  # one round at a time
+        self.clock = dict(since=time.monotonic(), compute=0.0, eval=0.0)
 
     def _build(self, run, peer, cache: Path) -> None:
         from p2pdiloco import data, inner, model
@@ -165,40 +188,71 @@ class Peer:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> None:
-        run = self.run_cfg
         self._start_heartbeat()
         if self.resumed_epoch is not None:
             self._record(dict(epoch=self.outer.epoch, event="resumed"))
         self._sync_with_swarm()  # a resumed peer downloads the newer state if the swarm moved on
         if self.outer.epoch == 0:
             self._record(dict(epoch=0, event="start", val_loss=self._maybe_eval(force=True)))
-        while not self._done():
-            t_epoch, compute_s, tokens, losses = time.monotonic(), 0.0, 0, []
-            while True:  # inner phase; repeated (accumulating more steps) only if no round could be held
-                t0 = time.monotonic()
-                for _ in range(run.inner_steps):
-                    step = self.outer.epoch * run.inner_steps + len(losses)
-                    losses.append(self._inner_step(step))
-                    tokens += run.data.batch_size * run.data.seq_len
-                    self._note_progress(losses[-1], tokens, compute_s + time.monotonic() - t0)
-                    if self.stop_requested.is_set():
-                        return
-                compute_s += time.monotonic() - t0
-                local = flatten_parameters(self.model)
-                delta = self.outer.pseudo_gradient(local)
-                if self.residual is not None:
-                    delta += self.residual  # error feedback: what the codec dropped last time goes now
-                if not torch.isfinite(delta).all():
-                    log.error("pseudo-gradient has NaN/Inf: discarding this epoch's work and re-syncing")
-                    self._load_global_into_model()
-                    break
-                result = self._average(delta, tokens)
-                if result == "behind":
-                    break  # the swarm moved on; _sync_with_swarm downloads its state next
-                if result is not None:
-                    self._outer_step(result, delta, tokens, losses, compute_s, t_epoch)
-                    break
+        self.budget = self._epoch_budget()
+        while True:
+            pending = self.round
+            if pending and (pending.future.done() or not self.run_cfg.overlap or self.stop_requested.is_set()
+                            or self.work.steps - self.attempt_from >= self.budget):
+                self._finish_round()  # apply the average and rebase the work done meanwhile, or keep the work
+            elif self._done():
+                return
+            elif self.work.steps - self.attempt_from >= self.budget:
+                self._start_round()  # delta = theta_e - local, averaged in the background
+            else:
+                self._train_step()  # one inner AdamW step (also while a round runs: overlap)
+
+    def _train_step(self) -> None:
+        step = self.outer.epoch * self.run_cfg.inner_steps + self.work.steps  # the run's global schedule
+        loss, seconds = self.speedometer.timed(lambda: self._inner_step(step))
+        self.work.add(loss, self.run_cfg.data.batch_size * self.run_cfg.data.seq_len, seconds)
+        self.clock["compute"] += seconds
+        self.tokens_per_s = self.speedometer.steps_per_s * self.run_cfg.data.batch_size * self.run_cfg.data.seq_len
+        self.last_loss = loss
+        self.budget = self._epoch_budget()  # speeds change (ours, or a faster peer joined)
+
+    def _epoch_budget(self) -> int:
+        """Inner steps before this peer's next round: H, or H scaled by our speed (DyLU)."""
+        run = self.run_cfg
+        if not run.dynamic_local_updates:
+            return run.inner_steps
+        speeds = [r.speed for r in self.known_others.values()]
+        budget = pace.dylu_steps(run.inner_steps, self.speedometer.steps_per_s, speeds, run.min_inner_steps)
+        self.speedometer.window = max(budget, 5)  # our speed as measured over about one epoch
+        return budget
+
+    def _start_round(self) -> None:
+        local = flatten_parameters(self.model)
+        delta = self.outer.pseudo_gradient(local)
+        if self.residual is not None:
+            delta += self.residual  # error feedback: what the codec dropped last time goes now
+        if not torch.isfinite(delta).all():
+            log.error("pseudo-gradient has NaN/Inf: discarding this epoch's work and re-syncing")
+            self._load_global_into_model()
+            self.work, self.attempt_from = pace.Work(started_epoch=self.outer.epoch), 0
+            return
+        self.attempt_from = self.work.steps
+        future = self.round_runner.submit(self._average, delta, self.work.tokens)
+        self.round = PendingRound(future, delta, local, self.work.snapshot())
+
+    def _finish_round(self) -> None:
+        """Wait for the pending round (idle only if training could not hide it) and act on it."""
+        pending, self.round = self.round, None
+        result = pending.future.result()  # bounded: every wait inside a round is (grace_s, round_s, DHT requests)
+        if isinstance(result, RoundResult) or result == "alone":
+            self._outer_step(result, pending)
+            self._sync_with_swarm()  # another group at our epoch may have won (a fork): adopt its state
+        elif result == "behind":  # the swarm moved on: fetch its state and bring our work onto it
             self._sync_with_swarm()
+            self.attempt_from = 0
+        else:  # no round: keep the work; it goes, with what is added to it, at the next attempt
+            self._publish(ready=False)
+        self.budget = self._epoch_budget()
 
     def _inner_step(self, step: int) -> float:
         try:
@@ -255,24 +309,27 @@ class Peer:
         except Exception as e:  # the averager did not answer in time: learn them after the next round
             log.debug("could not list banned peers: %r", e)
 
-    def _outer_step(self, result, delta, tokens, losses, compute_s, t_epoch) -> None:
+    def _outer_step(self, result, pending: "PendingRound") -> None:
         if isinstance(result, RoundResult):
             averaged, group, event = result.average, result, "outer_step"
             if self.residual is not None and result.residual is not None:
                 self.residual.copy_(result.residual)
         else:
-            averaged, group, event = delta, None, "solo_step"  # alone in the run: our delta is the swarm's average
+            averaged, group, event = pending.delta, None, "solo_step"  # alone in the run: our delta is the swarm's average
             log.info("no other peer in the run: applying this peer's own pseudo-gradient")
             if self.residual is not None:
                 self.residual.zero_()  # applied in full, nothing dropped
+        applied_to = self.outer.epoch
         with self.state_lock:
             self.outer.step(averaged, contributions=len(group.group) if group else 1)
             digest = self.outer.state_hash
         self.averager.set_state_priority(self.outer.epoch)
-        self._load_global_into_model()
+        self._adopt_global(pending.base)  # keeps the steps trained while the round ran
+        done, self.work, self.attempt_from = pending.sent, self.work.since(pending.sent, self.outer.epoch), 0
         if group:
             self.last_round = (self.outer.epoch, group.group, time.monotonic())
-        self.last_loss = sum(losses) / len(losses)
+        self.last_loss = sum(done.losses) / len(done.losses)
+        val_loss = self._maybe_eval()
         self._record(
             dict(
                 epoch=self.outer.epoch,
@@ -280,21 +337,33 @@ class Peer:
                 state_hash=digest,
                 group_size=len(group.group) if group else 1,
                 group=group.group if group else [self.peer_id],
-                inner_steps=len(losses),
-                tokens=tokens,
+                inner_steps=done.steps,
+                tokens=done.tokens,
+                staleness=applied_to - done.started_epoch,  # outer steps between the work's base and its round
+                overlap_steps=self.work.steps,  # trained while the round ran, carried into the next epoch
+                speed=self.speedometer.steps_per_s,
                 train_loss=self.last_loss,
                 allreduce_s=group.seconds if group else 0.0,
                 bytes_sent=group.bytes_sent if group else 0,
                 bytes_received=group.bytes_received if group else 0,
                 encode_s=group.encode_s if group else 0.0,
                 decode_s=group.decode_s if group else 0.0,
-                compute_s=compute_s,
-                wall_s=time.monotonic() - t_epoch,
-                val_loss=self._maybe_eval(),
+                val_loss=val_loss,
+                **self._clock_fields(),
             )
         )
         if self.peer_cfg.checkpoint_dir and self.outer.epoch % self.peer_cfg.checkpoint_every == 0:
             self.save_checkpoint()
+
+    def _clock_fields(self) -> dict:
+        """Where this peer's time went since the last record: ``compute_s`` (inner steps, emulated
+        slowness included), ``eval_s`` (evaluating the global model, a measurement: left out of the
+        utilization), ``idle_s`` (everything else: waiting for a round, outer step, downloads)."""
+        now, clock = time.monotonic(), self.clock
+        self.clock = dict(since=now, compute=0.0, eval=0.0)
+        busy = max(now - clock["since"] - clock["eval"], 1e-9)
+        return dict(compute_s=clock["compute"], wall_s=now - clock["since"], eval_s=clock["eval"],
+                    idle_s=max(0.0, busy - clock["compute"]), compute_utilization=min(1.0, clock["compute"] / busy))
 
     # ---------------------------------------------------------------- the swarm's state
     def _live_others(self) -> dict[str, swarm.Progress] | None:
@@ -307,6 +376,7 @@ class Peer:
         self.backups = {peer: r for peer, r in records.items() if r.backup and not r.leaving}
         others = {peer: r for peer, r in records.items() if not r.leaving and not r.backup}
         self.seen.update(others)
+        self.known_others = others
         if others:
             self.cut_off_since = None
         if others or self._may_be_alone():
@@ -350,7 +420,7 @@ class Peer:
         Lock-step DiLoCo: entering matchmaking together lets all same-epoch peers land in one group.
         A peer behind us may be one that just finished the same round but has not published yet.
         """
-        deadline = time.monotonic() + self.run_cfg.averaging.wait_for_peers_s
+        deadline = time.monotonic() + self.run_cfg.averaging.grace_s
         self._publish(ready=True)
         while True:
             others = self._live_others()
@@ -423,6 +493,7 @@ class Peer:
                     raise StateDownloadFailed("a state of another run config")
                 if not isinstance(meta.get("epoch"), int):
                     raise StateDownloadFailed("a malformed state")
+                previous = self.outer.params.clone()  # the base our unsent work was trained from
                 with self.state_lock:
                     self.outer.load(meta["epoch"], tensors, expected_hash=meta.get("state_hash"), pending=meta.get("pending", 0))
             except StateDownloadFailed as e:
@@ -439,7 +510,7 @@ class Peer:
                 continue
             else:
                 self.averager.set_state_priority(self.outer.epoch)
-                self._load_global_into_model()
+                self._adopt_global(previous)  # our work so far goes, stale, into our next round
                 self._record(
                     dict(epoch=self.outer.epoch, event="downloaded", reason=reason, state_hash=meta["state_hash"], donor=donor)
                 )
@@ -454,14 +525,16 @@ class Peer:
     def _load_global_into_model(self) -> None:
         load_flat_parameters(self.model, self.outer.params.to(self.device))
 
+    def _adopt_global(self, base: torch.Tensor) -> None:
+        """Move the model onto the new global parameters, keeping the progress it made since
+        ``base`` (the local parameters our last pseudo-gradient was measured to, or the previous
+        global parameters): see :func:`p2pdiloco.pace.rebase`."""
+        local = flatten_parameters(self.model)
+        load_flat_parameters(self.model, pace.rebase(local, base, self.outer.params).to(self.device))
+
     # ---------------------------------------------------------------- bookkeeping
     def _done(self) -> bool:
         return self.stop_requested.is_set() or (self.max_epochs is not None and self.outer.epoch >= self.max_epochs)
-
-    def _note_progress(self, loss: float, tokens: int, compute_s: float) -> None:
-        if compute_s > 0:
-            self.tokens_per_s = tokens / compute_s
-        self.last_loss, self.ready = loss, False
 
     def _start_heartbeat(self) -> None:
         """Publish this peer's record every ``heartbeat_s`` from a thread of its own.
@@ -475,12 +548,20 @@ class Peer:
             while not self.heartbeat_stop.wait(self.peer_cfg.heartbeat_s):
                 try:
                     self._publish()
+                    self._refresh_speeds()
                 except Exception as e:  # the next beat tries again; a dead DHT shows up elsewhere
                     log.debug("heartbeat: %r", e)
 
         self._publish(ready=False)
         self.heartbeat_thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
         self.heartbeat_thread.start()
+
+    def _refresh_speeds(self) -> None:
+        """Read the other peers' records for their speeds, so that DyLU step budgets follow them
+        within a heartbeat (a newcomer learns it is the slowest during its first epoch)."""
+        records = swarm.read_progress(self.dht, self.run_cfg.name, timeout=self.peer_cfg.dht_request_s)
+        if records is not None:
+            self.known_others = {p: r for p, r in records.items() if p != self.peer_id and p not in self.banned and not r.backup}
 
     def _publish(self, *, ready: bool | None = None, leaving: bool = False, wait: bool = False) -> None:
         """Store this peer's progress record (``ready``: None keeps the current flag)."""
@@ -499,6 +580,7 @@ class Peer:
             epoch=epoch,
             state_hash=digest,
             tokens_per_s=self.tokens_per_s,
+            speed=self.speedometer.steps_per_s,
             train_loss=self.last_loss,
             val_loss=self.last_val,
             shard=self.stream.shard,
@@ -514,7 +596,13 @@ class Peer:
     def _maybe_eval(self, force: bool = False) -> float | None:
         every = self.peer_cfg.eval_every
         if every and (force or self.outer.epoch % every == 0):
+            started = time.monotonic()
+            local = flatten_parameters(self.model) if self.work.steps else None
+            self._load_global_into_model()  # evaluate the global parameters, not our working copy
             self.last_val = self.evaluate()
+            if local is not None:
+                load_flat_parameters(self.model, local.to(self.device))
+            self.clock["eval"] += time.monotonic() - started
             return self.last_val
         return None
 
@@ -569,6 +657,8 @@ class Peer:
             self._let_last_group_finish()
         except Exception as e:
             log.debug("waiting for the last group: %r", e)
+        self.stop_requested.set()  # a round still in the background gives up waiting for peers
+        self.round_runner.shutdown(wait=True, cancel_futures=True)  # and ends within round_s
         self.heartbeat_stop.set()
         if self.heartbeat_thread is not None:
             self.heartbeat_thread.join(timeout=self.peer_cfg.dht_request_s)

@@ -110,8 +110,11 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float) -> dict:
-    """The run's summary from every peer's metrics records (see README, machine-readable output)."""
+def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float, started_at: float | None = None) -> dict:
+    """The run's summary from every peer's metrics records (see README, machine-readable output).
+
+    ``started_at`` (a ``time.time()``) is the origin of ``val_curve``'s wall-clock seconds.
+    """
     hashes: dict[int, dict[str, str]] = {}
     per_epoch: dict[int, list[dict]] = {}
     for records in metrics.values():
@@ -141,6 +144,17 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float) -> 
             )
         )
     sent, received = sum(r["bytes_sent"] for r in rows), sum(r["bytes_received"] for r in rows)
+    # Each peer's share of time spent computing (evaluation left out), then the mean over peers.
+    utilization = []
+    for records in metrics.values():
+        steps = [r for r in records if "compute_utilization" in r]
+        busy = sum(r["wall_s"] - r.get("eval_s", 0.0) for r in steps)
+        if busy > 0:
+            utilization.append(sum(r["compute_s"] for r in steps) / busy)
+    origin = started_at if started_at is not None else min((r["time"] for rs in metrics.values() for r in rs), default=0.0)
+    val_points = sorted(
+        (r["time"] - origin, r["epoch"], r["val_loss"]) for rs in metrics.values() for r in rs if r.get("val_loss") is not None
+    )
     rounds = max(1, sum(r["rounds"] for r in rows))
     return dict(
         peers=num_peers,
@@ -157,6 +171,9 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float) -> 
         encode_s_total=sum(r["encode_s"] for r in rows),
         decode_s_total=sum(r["decode_s"] for r in rows),
         wall_s=wall_s,
+        compute_utilization=statistics.mean(utilization) if utilization else None,
+        # [seconds since the start, validation loss of the global parameters], one per evaluation
+        val_curve=[[round(t, 3), v] for t, _, v in val_points],
         epochs=rows,
     )
 
@@ -220,10 +237,26 @@ def default_timeout(recipe, epochs: int, num_peers: int) -> float:
     params = m.num_layers * (4 * m.hidden_size**2 + 3 * m.hidden_size * m.intermediate_size) + m.vocab_size * m.hidden_size
     tokens = run.inner_steps * run.data.batch_size * run.data.seq_len
     step_s = tokens * params * _SECONDS_PER_TOKEN_PARAM * max(1.0, num_peers / 2)
-    return 120 + epochs * (3 * step_s + run.averaging.round_s + run.averaging.wait_for_peers_s)
+    return 120 + epochs * (3 * step_s + run.averaging.round_s + run.averaging.grace_s)
 
 
-def run_simulation(config: str | None, *, overrides: list[str], num_peers: int, epochs: int, out: Path, timeout: float | None) -> dict:
+def parse_speeds(text: str | None, num_peers: int) -> list[float] | None:
+    """``--speeds 1,0.5,0.25``: one emulated speed in (0, 1] per peer."""
+    if text is None:
+        return None
+    try:
+        speeds = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise P2PDilocoError(f"--speeds '{text}' is not a comma-separated list of numbers (e.g. 1,0.5,0.25)") from None
+    if len(speeds) != num_peers:
+        raise P2PDilocoError(f"--speeds gives {len(speeds)} speeds for {num_peers} peers: give one per peer")
+    if not all(0 < x <= 1 for x in speeds):
+        raise P2PDilocoError(f"--speeds '{text}': each speed must be in (0, 1] (a fraction of this machine's speed)")
+    return speeds
+
+
+def run_simulation(config: str | None, *, overrides: list[str], num_peers: int, epochs: int, out: Path,
+                   timeout: float | None, speeds: list[float] | None = None) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     recipe = load_recipe(config, overrides)  # fail fast on a bad config, before starting anything
@@ -235,8 +268,8 @@ def run_simulation(config: str | None, *, overrides: list[str], num_peers: int, 
 
     print(f"preparing data and tokenizer for '{recipe.run.name}' ...", flush=True)
     data.prepare(recipe.run.data, recipe.run.model.vocab_size, Path(recipe.peer.cache_dir).expanduser())
-    timeout = timeout or default_timeout(recipe, epochs, num_peers)
-    started = time.monotonic()
+    timeout = timeout or default_timeout(recipe, epochs, num_peers) / min(speeds or [1.0])
+    started, started_at = time.monotonic(), time.time()
     coord, addrs = start_coordinator(out, recipe.peer.bootstrap_s)
     peers: list[ProcessGroup] = []
     try:
@@ -246,6 +279,8 @@ def run_simulation(config: str | None, *, overrides: list[str], num_peers: int, 
                 args += ["--peers", addr]
             for item in overrides:
                 args += ["--set", item]
+            if speeds is not None:
+                args += ["--set", f"peer.emulate_speed={speeds[i]}"]
             if i == 0:
                 args += ["--export", str(out / "model")]  # peer 0 evaluates and exports the global model
             else:
@@ -271,7 +306,8 @@ def run_simulation(config: str | None, *, overrides: list[str], num_peers: int, 
         codes = [p.stop() for p in peers]
         coord.stop()
     metrics = {f"peer{i}": read_metrics(out / f"peer{i}.jsonl") for i in range(num_peers)}
-    summary = summarize(metrics, num_peers, time.monotonic() - started)
+    summary = summarize(metrics, num_peers, time.monotonic() - started, started_at)
+    summary["speeds"] = speeds
     summary["exit_codes"] = codes
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / "loss.png")

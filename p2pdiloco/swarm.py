@@ -39,6 +39,7 @@ class Progress(BaseModel):
     epoch: int = Field(ge=0)
     state_hash: str = Field(max_length=64)
     tokens_per_s: float = Field(0.0, ge=0)
+    speed: float = Field(0.0, ge=0, le=1e6)  # inner steps per second of compute (DyLU); 0 = not measured yet
     train_loss: float | None = None
     val_loss: float | None = None
     shard: int = Field(0, ge=0)

@@ -23,7 +23,7 @@ CFG = load_recipe(TEST_CONFIG, [])
 # The longest a survivor may wait for one epoch after a fault: a round that runs into its
 # deadline, the wait for a dead peer's record to expire (3 heartbeats) or for slow peers, a
 # retried inner phase, and slack for a loaded 2-core machine.
-STALL_BOUND_S = CFG.run.averaging.round_s + CFG.run.averaging.wait_for_peers_s + 3 * CFG.peer.heartbeat_s + 15
+STALL_BOUND_S = CFG.run.averaging.round_s + CFG.run.averaging.grace_s + 3 * CFG.peer.heartbeat_s + 15
 
 
 def _process_state(pid: int) -> str:
