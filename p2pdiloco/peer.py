@@ -46,10 +46,12 @@ CONFIG_TTL_S = 3600.0  # the run config record's lifetime; every peer refreshes 
 class PendingRound:
     """A round running in the background: its future, what was sent, and what it was measured to."""
 
-    future: Future
     delta: torch.Tensor  # the pseudo-gradient sent (error feedback included)
     base: torch.Tensor  # the local parameters it was measured to: the rebase point when it lands
     sent: pace.Work  # the work it carries
+    future: Future | None = None
+    waiting_alone: bool = True  # no other peer at our state is ready yet: no round to hold
+    give_up: threading.Event = dataclasses.field(default_factory=threading.Event)  # stop waiting for one
 
 
 class Peer:
@@ -199,6 +201,8 @@ class Peer:
             pending = self.round
             if pending and (pending.future.done() or not self.run_cfg.overlap or self.stop_requested.is_set()
                             or self.work.steps - self.attempt_from >= self.budget):
+                if pending.waiting_alone:
+                    pending.give_up.set()  # nobody else ready yet: send a fresher delta instead of idling
                 self._finish_round()  # apply the average and rebase the work done meanwhile, or keep the work
             elif self._done():
                 return
@@ -237,8 +241,8 @@ class Peer:
             self.work, self.attempt_from = pace.Work(started_epoch=self.outer.epoch), 0
             return
         self.attempt_from = self.work.steps
-        future = self.round_runner.submit(self._average, delta, self.work.tokens)
-        self.round = PendingRound(future, delta, local, self.work.snapshot())
+        self.round = PendingRound(delta, local, self.work.snapshot())
+        self.round.future = self.round_runner.submit(self._average, delta, self.work.tokens, self.round)
 
     def _finish_round(self) -> None:
         """Wait for the pending round (idle only if training could not hide it) and act on it."""
@@ -248,8 +252,10 @@ class Peer:
             self._outer_step(result, pending)
             self._sync_with_swarm()  # another group at our epoch may have won (a fork): adopt its state
         elif result == "behind":  # the swarm moved on: fetch its state and bring our work onto it
+            epoch = self.outer.epoch
             self._sync_with_swarm()
-            self.attempt_from = 0
+            if self.outer.epoch > epoch:
+                self.attempt_from = 0  # our work, rebased, is ready for the swarm's next round
         else:  # no round: keep the work; it goes, with what is added to it, at the next attempt
             self._publish(ready=False)
         self.budget = self._epoch_budget()
@@ -268,13 +274,13 @@ class Peer:
                 f"tokens at once): set a smaller micro-batch, e.g. --set peer.micro_batch_size={max(1, rows // 2)}"
             ) from None
 
-    def _average(self, delta: torch.Tensor, tokens: int):
+    def _average(self, delta: torch.Tensor, tokens: int, pending: "PendingRound | None" = None):
         """One round: a RoundResult (with the average), "alone", "behind" or None (retry).
 
         A private outer step ("alone") only when no other live peer exists at all: a peer that is
         merely behind or slow still belongs to the run, and stepping without it would fork the state.
         """
-        others = self._wait_for_peers_ready()
+        others = self._wait_for_peers_ready(pending)
         if others == "behind" or self.stop_requested.is_set():
             return "behind"  # abandon: catch up, or leave without applying anything
         if others is None:
@@ -412,15 +418,22 @@ class Peer:
     def _swarm_epoch(self) -> int:
         return max((r.epoch for r in (self._live_others() or {}).values()), default=-1)
 
-    def _wait_for_peers_ready(self):
+    def _wait_for_peers_ready(self, pending: "PendingRound | None" = None):
         """Wait (bounded) for the live peers at or behind our epoch to be ready.
 
         Returns their records, "behind" if a peer is ahead of us, or None if the DHT was unreadable.
 
-        Lock-step DiLoCo: entering matchmaking together lets all same-epoch peers land in one group.
-        A peer behind us may be one that just finished the same round but has not published yet.
+        Entering matchmaking together lets all same-epoch peers land in one group. A peer behind
+        us may be one that just finished the same round but has not published yet. The grace time
+        (``grace_s``) runs from the moment a round can be held (another peer at our state is ready):
+        stragglers get that long to join it. With overlap, while no other peer is ready there is
+        no round to hold and nobody waits on us, so we keep waiting (the main loop trains on)
+        until one is, or until the main loop gives up at the end of its next step budget
+        (``pending.give_up``) to send a fresher pseudo-gradient. Without overlap the peer idles
+        while it waits, so the grace time runs from the start.
         """
-        deadline = time.monotonic() + self.run_cfg.averaging.grace_s
+        grace = self.run_cfg.averaging.grace_s
+        grace_from = None if pending is not None and self.run_cfg.overlap else time.monotonic()
         self._publish(ready=True)
         while True:
             others = self._live_others()
@@ -428,12 +441,19 @@ class Peer:
                 any(r.epoch > self.outer.epoch for r in others.values()) or self._winning_state(others) != self.outer.state_hash
             ):
                 return "behind"  # ahead of us, or the same epoch on another fork that wins: download it
+            if grace_from is None and others and any(
+                r.ready and r.epoch == self.outer.epoch and r.state_hash == self.outer.state_hash for r in others.values()
+            ):
+                grace_from = time.monotonic()
+            if pending is not None:
+                pending.waiting_alone = grace_from is None
             # "Alone" only after we have been visible in the DHT for a heartbeat: a peer that started
             # at the same moment is then visible to us, or sees us (two simultaneous starters
             # must not both conclude they are alone and fork).
             unconfirmed_alone = others == {} and time.monotonic() < self.visible_since + self.peer_cfg.heartbeat_s
             waiting = others is None or unconfirmed_alone or [r for r in others.values() if r.epoch < self.outer.epoch or not r.ready]
-            if not waiting or time.monotonic() > deadline or self.stop_requested.is_set():
+            if (not waiting or (grace_from is not None and time.monotonic() > grace_from + grace)
+                    or self.stop_requested.is_set() or (pending is not None and pending.give_up.is_set())):
                 return others
             self.stop_requested.wait(0.2)  # poll the DHT: peers announce readiness there, not to us
 
