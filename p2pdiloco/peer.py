@@ -112,6 +112,7 @@ class Peer:
         self.cut_off_since: float | None = None
         self.backups: dict[str, swarm.Progress] = {}  # coordinators keeping a copy of the state
         self.known_others: dict[str, swarm.Progress] = {}  # the last records read (for their speeds)
+        self.furthest_epoch_seen = 0  # the highest epoch of any record read, leaving peers' included
         self.speedometer = pace.Speedometer(peer.emulate_speed, recipe.run.inner_steps, self.stop_requested)
         self.work = pace.Work(started_epoch=self.outer.epoch)  # trained and not yet averaged
         self.attempt_from = 0  # work.steps when the last round was started: the next waits for a budget more
@@ -201,8 +202,8 @@ class Peer:
             pending = self.round
             if pending and (pending.future.done() or not self.run_cfg.overlap or self.stop_requested.is_set()
                             or self.work.steps - self.attempt_from >= self.budget):
-                if pending.waiting_alone:
-                    pending.give_up.set()  # nobody else ready yet: send a fresher delta instead of idling
+                if self.run_cfg.overlap and pending.waiting_alone and not self.stop_requested.is_set():
+                    pending.give_up.set()  # budget spent, nobody else ready yet: send a fresher delta
                 self._finish_round()  # apply the average and rebase the work done meanwhile, or keep the work
             elif self._done():
                 return
@@ -286,7 +287,7 @@ class Peer:
         if others is None:
             return None  # the DHT could not be read: not knowing who is there is not being alone
         if not others:
-            return "alone"
+            return "behind" if self._run_over() else "alone"
         digest = self.outer.state_hash
         ready = [p for p, r in others.items() if r.epoch == self.outer.epoch and r.state_hash == digest and r.ready]
         if not ready:
@@ -378,6 +379,7 @@ class Peer:
         if records is None:
             return None
         records = {peer: r for peer, r in records.items() if peer != self.peer_id and peer not in self.banned}
+        self.furthest_epoch_seen = max([self.furthest_epoch_seen, *(r.epoch for r in records.values() if not r.backup)])
         self.departed.update(peer for peer, r in records.items() if r.leaving)
         self.backups = {peer: r for peer, r in records.items() if r.backup and not r.leaving}
         others = {peer: r for peer, r in records.items() if not r.leaving and not r.backup}
@@ -554,7 +556,13 @@ class Peer:
 
     # ---------------------------------------------------------------- bookkeeping
     def _done(self) -> bool:
-        return self.stop_requested.is_set() or (self.max_epochs is not None and self.outer.epoch >= self.max_epochs)
+        return self.stop_requested.is_set() or self._run_over()
+
+    def _run_over(self) -> bool:
+        """``--max-epochs N``: this peer, or any peer of the run (those that left included), reached
+        epoch N. A straggler still behind then has nothing left to contribute to, and stepping
+        alone from its older state would only fork the finished run."""
+        return self.max_epochs is not None and max(self.outer.epoch, self.furthest_epoch_seen) >= self.max_epochs
 
     def _start_heartbeat(self) -> None:
         """Publish this peer's record every ``heartbeat_s`` from a thread of its own.
