@@ -50,8 +50,7 @@ class PendingRound:
     base: torch.Tensor  # the local parameters it was measured to: the rebase point when it lands
     sent: pace.Work  # the work it carries
     future: Future | None = None
-    waiting_alone: bool = True  # no other peer at our state is ready yet: no round to hold
-    give_up: threading.Event = dataclasses.field(default_factory=threading.Event)  # stop waiting for one
+    waiting_alone: bool = True  # no other peer at our state is ready yet: the main loop trains on
 
 
 class Peer:
@@ -199,18 +198,16 @@ class Peer:
             self._record(dict(epoch=0, event="start", val_loss=self._maybe_eval(force=True)))
         self.budget = self._epoch_budget()
         while True:
-            pending = self.round
+            pending, budget_spent = self.round, self.work.steps - self.attempt_from >= self.budget
             if pending and (pending.future.done() or not self.run_cfg.overlap or self.stop_requested.is_set()
-                            or self.work.steps - self.attempt_from >= self.budget):
-                if self.run_cfg.overlap and pending.waiting_alone and not self.stop_requested.is_set():
-                    pending.give_up.set()  # budget spent, nobody else ready yet: send a fresher delta
+                            or (budget_spent and not pending.waiting_alone)):
                 self._finish_round()  # apply the average and rebase the work done meanwhile, or keep the work
             elif self._done():
                 return
-            elif self.work.steps - self.attempt_from >= self.budget:
+            elif budget_spent and not pending:
                 self._start_round()  # delta = theta_e - local, averaged in the background
             else:
-                self._train_step()  # one inner AdamW step (also while a round runs: overlap)
+                self._train_step()  # one inner AdamW step (also while a round runs or waits for peers: overlap)
 
     def _train_step(self) -> None:
         step = self.outer.epoch * self.run_cfg.inner_steps + self.work.steps  # the run's global schedule
@@ -429,10 +426,9 @@ class Peer:
         us may be one that just finished the same round but has not published yet. The grace time
         (``grace_s``) runs from the moment a round can be held (another peer at our state is ready):
         stragglers get that long to join it. With overlap, while no other peer is ready there is
-        no round to hold and nobody waits on us, so we keep waiting (the main loop trains on)
-        until one is, or until the main loop gives up at the end of its next step budget
-        (``pending.give_up``) to send a fresher pseudo-gradient. Without overlap the peer idles
-        while it waits, so the grace time runs from the start.
+        no round to hold and nobody waits on us, so we keep waiting while the main loop trains on
+        (what it trains is rebased onto the round's result and sent with the next round). Without
+        overlap the peer idles while it waits, so the grace time runs from the start.
         """
         grace = self.run_cfg.averaging.grace_s
         grace_from = None if pending is not None and self.run_cfg.overlap else time.monotonic()
@@ -454,8 +450,7 @@ class Peer:
             # must not both conclude they are alone and fork).
             unconfirmed_alone = others == {} and time.monotonic() < self.visible_since + self.peer_cfg.heartbeat_s
             waiting = others is None or unconfirmed_alone or [r for r in others.values() if r.epoch < self.outer.epoch or not r.ready]
-            if (not waiting or (grace_from is not None and time.monotonic() > grace_from + grace)
-                    or self.stop_requested.is_set() or (pending is not None and pending.give_up.is_set())):
+            if not waiting or (grace_from is not None and time.monotonic() > grace_from + grace) or self.stop_requested.is_set():
                 return others
             self.stop_requested.wait(0.2)  # poll the DHT: peers announce readiness there, not to us
 
