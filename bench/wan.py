@@ -13,15 +13,17 @@ emulator's descriptor for that node and is written, later, into the destination'
 - a queue holding more than ``queue_s`` seconds of traffic drops the packet (drop-tail), as a
   router's buffer does, so TCP sees a real bottleneck.
 
-``allreduce_over_wan`` runs three averagers (``PseudoGradientAverager``, the real all-reduce) in
-three namespaces on such links and times their rounds per codec. Needs root, ``ip`` and
-``/dev/net/tun``.
+``wan_namespaces`` sets such a network up (namespaces, addresses, the emulator) and tears it
+down again; ``bench/heterogeneous.py wan`` runs whole peers in it. ``allreduce_over_wan`` runs
+three averagers (``PseudoGradientAverager``, the real all-reduce) in three namespaces on such
+links and times their rounds per codec. Needs root, ``ip`` and ``/dev/net/tun``.
 
     sudo .venv/bin/python bench/codecs.py netem      # the usual entry point
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import heapq
 import json
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 SUBNET = "10.78.0"
 PORT = 31338
@@ -150,6 +153,50 @@ def _barrier(out: Path, name: str, rank: int, parties: int = 3) -> None:
     _wait_for(lambda: len(list(out.glob(f"{name}.*.ready"))) >= parties, 900)
 
 
+# ----------------------------------------------------------------------------- namespaces + emulator
+@contextlib.contextmanager
+def wan_namespaces(nodes: int, rate_bps: float, delay_s: float, out: Path, queue_s: float = 0.5) -> Iterator[list[str]]:
+    """Network namespaces ``{prefix}1`` .. ``{prefix}N`` joined by the emulator; yields their names.
+
+    Node ``n`` (1-based) has the address ``10.78.0.n`` in namespace ``names[n - 1]``; every packet
+    between two nodes crosses the emulator (``rate_bps`` each way per node, ``delay_s`` one way per
+    node: ``2 * delay_s`` between two nodes). On exit, also on an exception or Ctrl+C, the emulator
+    is killed, every process still inside a namespace is killed (by pid, as ``ip netns pids`` lists
+    them) and the namespaces are deleted. ``out`` holds the emulator's ready-file.
+    """
+    if os.geteuid() != 0 or not Path("/dev/net/tun").exists():
+        raise SystemExit("the WAN emulation needs root and /dev/net/tun (network namespaces and TUN devices)")
+    prefix = f"p2pw{os.getpid() % 100000}n"
+    namespaces = [f"{prefix}{n}" for n in range(1, nodes + 1)]
+    emulator = None
+    try:
+        for ns in namespaces:
+            _ip("netns", "add", ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        ready = out / "emulator.ready"
+        ready.unlink(missing_ok=True)
+        emulator = subprocess.Popen(
+            [sys.executable, __file__, "emulate", prefix, str(nodes), str(rate_bps), str(delay_s), str(ready), str(queue_s)],
+            start_new_session=True,
+        )
+        _wait_for(lambda: ready.exists() or emulator.poll() is not None, 30)
+        if emulator.poll() is not None:
+            raise SystemExit("the WAN emulator failed to start")
+        yield namespaces
+    finally:
+        if emulator is not None and emulator.poll() is None:
+            os.killpg(emulator.pid, signal.SIGKILL)
+            emulator.wait()
+        for ns in namespaces:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
 # ----------------------------------------------------------------------------- the benchmark
 def allreduce_over_wan(codecs: list[str], *, values: int, rate_bps: float, delay_s: float, rounds: int, out: Path) -> dict:
     if os.geteuid() != 0 or not Path("/dev/net/tun").exists():
@@ -158,21 +205,8 @@ def allreduce_over_wan(codecs: list[str], *, values: int, rate_bps: float, delay
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():
         stale.unlink()
-    prefix = f"p2pw{os.getpid() % 100000}n"
-    namespaces = [f"{prefix}{n}" for n in (1, 2, 3)]
-    emulator = None
     rows = {}
-    try:
-        for ns in namespaces:
-            _ip("netns", "add", ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        ready = out / "emulator.ready"
-        emulator = subprocess.Popen(
-            [sys.executable, __file__, "emulate", prefix, "3", str(rate_bps), str(delay_s), str(ready)], start_new_session=True
-        )
-        _wait_for(lambda: ready.exists() or emulator.poll() is not None, 30)
-        if emulator.poll() is not None:
-            raise SystemExit("the WAN emulator failed to start")
+    with wan_namespaces(3, rate_bps, delay_s, out) as namespaces:
         for codec in codecs:
             print(f"{codec}: averaging {values / 1e6:.0f}M values x {rounds} rounds ...", flush=True)
             procs = [subprocess.Popen(["ip", "netns", "exec", namespaces[rank], sys.executable, __file__, "worker", str(rank),
@@ -202,18 +236,6 @@ def allreduce_over_wan(codecs: list[str], *, values: int, rate_bps: float, delay
                 decode_s=sorted(r["decode_s"] for r in ok)[len(ok) // 2] if ok else 0.0,
             )
             print(f"  median {rows[codec]['seconds']:.2f} s over {len(ok)} peer-rounds", flush=True)
-    finally:
-        if emulator is not None and emulator.poll() is None:
-            os.killpg(emulator.pid, signal.SIGKILL)
-            emulator.wait()
-        for ns in namespaces:
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     return rows
 
 
@@ -221,8 +243,8 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     command, *rest = sys.argv[1:]
     if command == "emulate":
-        prefix, nodes, rate, delay, ready = rest
-        emulate(prefix, int(nodes), float(rate), float(delay), queue_s=0.5, ready=Path(ready))
+        prefix, nodes, rate, delay, ready, *queue = rest
+        emulate(prefix, int(nodes), float(rate), float(delay), queue_s=float(queue[0]) if queue else 0.5, ready=Path(ready))
     elif command == "worker":
         rank, codec, values, rounds, out = rest
         worker(int(rank), codec, int(values), int(rounds), Path(out))

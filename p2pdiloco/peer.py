@@ -528,9 +528,8 @@ class Peer:
             else:
                 self.averager.set_state_priority(self.outer.epoch)
                 self._adopt_global(previous)  # our work so far goes, stale, into our next round
-                self._record(
-                    dict(epoch=self.outer.epoch, event="downloaded", reason=reason, state_hash=meta["state_hash"], donor=donor)
-                )
+                self._record(dict(epoch=self.outer.epoch, event="downloaded", reason=reason, state_hash=meta["state_hash"],
+                                  donor=donor, val_loss=self._maybe_eval()))
                 log.info("now at epoch %d (state from %s)", self.outer.epoch, donor[-6:])
                 return
         log.warning("could not download the swarm's state; continuing and retrying next epoch")

@@ -26,11 +26,16 @@ _SECONDS_PER_TOKEN_PARAM = 2e-9
 
 
 class ProcessGroup:
-    """A child in its own session/process group; ``stop`` signals the whole group and reaps it."""
+    """A child in its own session/process group; ``stop`` signals the whole group and reaps it.
+
+    Its stdin is /dev/null: a ``join`` that sees a terminal would run the peer under a supervisor
+    in yet another session (see :mod:`p2pdiloco.supervise`), out of reach of ``stop``'s SIGKILL.
+    """
 
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
         self.log = log_path.open("ab")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=env)
         self.terminated = False
 
     def terminate(self) -> None:
