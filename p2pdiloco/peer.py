@@ -580,10 +580,14 @@ class Peer:
 
     def _refresh_speeds(self) -> None:
         """Read the other peers' records for their speeds, so that DyLU step budgets follow them
-        within a heartbeat (a newcomer learns it is the slowest during its first epoch)."""
-        records = swarm.read_progress(self.dht, self.run_cfg.name, timeout=self.peer_cfg.dht_request_s)
+        within a heartbeat (a newcomer learns it is the slowest during its first epoch), and for
+        the furthest epoch the run reached (see :meth:`_run_over`)."""
+        records = swarm.read_progress(self.dht, self.run_cfg.name, timeout=self.peer_cfg.dht_request_s, include_leaving=True)
         if records is not None:
-            self.known_others = {p: r for p, r in records.items() if p != self.peer_id and p not in self.banned and not r.backup}
+            records = {p: r for p, r in records.items() if p != self.peer_id and p not in self.banned and not r.backup}
+            # (farewell records expire within 3 heartbeats: note how far the run got before they do)
+            self.furthest_epoch_seen = max([self.furthest_epoch_seen, *(r.epoch for r in records.values())])
+            self.known_others = {p: r for p, r in records.items() if not r.leaving}
 
     def _publish(self, *, ready: bool | None = None, leaving: bool = False, wait: bool = False) -> None:
         """Store this peer's progress record (``ready``: None keeps the current flag)."""
