@@ -119,3 +119,14 @@ def test_checkpoint_of_another_run_config_is_one_line_naming_the_fix(tmp_path, d
     assert r.returncode == 6
     last = r.stderr.splitlines()[-1]
     assert last.startswith("error: ") and "belongs to another run config" in last and "--checkpoint-dir" in last, last
+
+
+def test_bad_speeds_are_one_line_naming_the_fix():
+    for speeds, message in [("1,fast", "comma-separated list"), ("1,0.5", "2 speeds for 3 peers"), ("1,2,0.5", "(0, 1]")]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "p2pdiloco", "simulate", "--peers", "3", "--speeds", speeds, "--out", "/nonexistent/x"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode != 0
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], proc.stderr
