@@ -51,6 +51,20 @@ class PendingRound:
     sent: pace.Work  # the work it carries
     future: Future | None = None
     waiting_alone: bool = True  # no other peer at our state is ready yet: the main loop trains on
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def refresh(self, delta: torch.Tensor, base: torch.Tensor, sent: pace.Work) -> bool:
+        """Send this instead, if the round is still waiting for a peer to be ready."""
+        with self.lock:
+            if self.waiting_alone:
+                self.delta, self.base, self.sent = delta, base, sent
+            return self.waiting_alone
+
+    def close(self) -> tuple[torch.Tensor, int]:
+        """No more refreshes: the pseudo-gradient and tokens this round sends."""
+        with self.lock:
+            self.waiting_alone = False
+            return self.delta, self.sent.tokens
 
 
 class Peer:
@@ -199,8 +213,9 @@ class Peer:
         self.budget = self._epoch_budget()
         while True:
             pending, budget_spent = self.round, self.work.steps - self.attempt_from >= self.budget
-            if pending and (pending.future.done() or not self.run_cfg.overlap or self.stop_requested.is_set()
-                            or (budget_spent and not pending.waiting_alone)):
+            if pending and budget_spent and self.run_cfg.overlap and self._resend(pending):
+                continue  # nobody else is ready yet: the waiting round will send our latest work instead
+            if pending and (pending.future.done() or not self.run_cfg.overlap or self.stop_requested.is_set() or budget_spent):
                 self._finish_round()  # apply the average and rebase the work done meanwhile, or keep the work
             elif self._done():
                 return
@@ -228,11 +243,16 @@ class Peer:
         self.speedometer.window = max(budget, 5)  # our speed as measured over about one epoch
         return budget
 
-    def _start_round(self) -> None:
+    def _measure(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pseudo-gradient to send, the local parameters it was measured to)."""
         local = flatten_parameters(self.model)
         delta = self.outer.pseudo_gradient(local)
         if self.residual is not None:
             delta += self.residual  # error feedback: what the codec dropped last time goes now
+        return delta, local
+
+    def _start_round(self) -> None:
+        delta, local = self._measure()
         if not torch.isfinite(delta).all():
             log.error("pseudo-gradient has NaN/Inf: discarding this epoch's work and re-syncing")
             self._load_global_into_model()
@@ -240,7 +260,20 @@ class Peer:
             return
         self.attempt_from = self.work.steps
         self.round = PendingRound(delta, local, self.work.snapshot())
-        self.round.future = self.round_runner.submit(self._average, delta, self.work.tokens, self.round)
+        self.round.future = self.round_runner.submit(self._average, self.round)
+
+    def _resend(self, pending: "PendingRound") -> bool:
+        """While no other peer is ready, replace what the waiting round will send by our latest
+        work: the steps trained while waiting then travel now instead of being rebased onto a
+        newer state (at most one budget of steps is ever rebased). False once the round has
+        started (or if the work is not finite): the caller then waits for it."""
+        if not pending.waiting_alone or pending.future.done():
+            return False
+        delta, local = self._measure()
+        if not torch.isfinite(delta).all() or not pending.refresh(delta, local, self.work.snapshot()):
+            return False
+        self.attempt_from = self.work.steps
+        return True
 
     def _finish_round(self) -> None:
         """Wait for the pending round (idle only if training could not hide it) and act on it."""
@@ -272,13 +305,14 @@ class Peer:
                 f"tokens at once): set a smaller micro-batch, e.g. --set peer.micro_batch_size={max(1, rows // 2)}"
             ) from None
 
-    def _average(self, delta: torch.Tensor, tokens: int, pending: "PendingRound | None" = None):
+    def _average(self, pending: "PendingRound"):
         """One round: a RoundResult (with the average), "alone", "behind" or None (retry).
 
         A private outer step ("alone") only when no other live peer exists at all: a peer that is
         merely behind or slow still belongs to the run, and stepping without it would fork the state.
         """
         others = self._wait_for_peers_ready(pending)
+        delta, tokens = pending.close()  # what we send is fixed from here on
         if others == "behind" or self.stop_requested.is_set():
             return "behind"  # abandon: catch up, or leave without applying anything
         if others is None:
@@ -427,7 +461,7 @@ class Peer:
         (``grace_s``) runs from the moment a round can be held (another peer at our state is ready):
         stragglers get that long to join it. With overlap, while no other peer is ready there is
         no round to hold and nobody waits on us, so we keep waiting while the main loop trains on
-        (what it trains is rebased onto the round's result and sent with the next round). Without
+        (and refreshes what we will send, see :meth:`_resend`). Without
         overlap the peer idles while it waits, so the grace time runs from the start.
         """
         grace = self.run_cfg.averaging.grace_s
@@ -443,8 +477,8 @@ class Peer:
                 r.ready and r.epoch == self.outer.epoch and r.state_hash == self.outer.state_hash for r in others.values()
             ):
                 grace_from = time.monotonic()
-            if pending is not None:
-                pending.waiting_alone = grace_from is None
+            if pending is not None and grace_from is not None:
+                pending.close()  # a round can be held: what we send is fixed
             # "Alone" only after we have been visible in the DHT for a heartbeat: a peer that started
             # at the same moment is then visible to us, or sees us (two simultaneous starters
             # must not both conclude they are alone and fork).
