@@ -92,7 +92,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(1, str(ROOT / "bench"))  # bench/wan.py
 
 from p2pdiloco.config import load_recipe, recipe_path  # noqa: E402
-from p2pdiloco.simulate import ProcessGroup, default_timeout, read_metrics, run_simulation, start_coordinator, summarize  # noqa: E402
+from p2pdiloco.simulate import (  # noqa: E402
+    ProcessGroup, default_timeout, peer_args, read_metrics, run_simulation, start_coordinator, summarize,
+)
 
 STEP_EVENTS = ("outer_step", "solo_step")
 SPEED_ARMS = ("lockstep", "naive_async", "dn_dylu")
@@ -401,18 +403,8 @@ def run_in_namespaces(config: str, *, overrides: list[str], speeds_: list[float]
             coord, addrs = start_coordinator(out, recipe.peer.bootstrap_s, "--host", f"{SUBNET}.1",
                                              launcher=["ip", "netns", "exec", namespaces[0]])
             for i, ns in enumerate(namespaces):
-                args = ["ip", "netns", "exec", ns, sys.executable, "-m", "p2pdiloco", "join", config_file, "--max-epochs", str(epochs),
-                        "--metrics-file", str(out / f"peer{i}.jsonl")]
-                for addr in addrs:
-                    args += ["--peers", addr]
-                for item in overrides:
-                    args += ["--set", item]
-                args += ["--set", f'peer.host="{SUBNET}.{i + 1}"', "--set", f"peer.emulate_speed={speeds_[i]}"]
-                if i == 0:
-                    args += ["--export", str(out / "model")]  # peer 0 evaluates and exports the global model
-                else:
-                    args += ["--set", "peer.eval_every=0"]
-                peers.append(ProcessGroup(args, out / f"peer{i}.log"))
+                args = peer_args(i, config_file, epochs, out, addrs, [*overrides, f'peer.host="{SUBNET}.{i + 1}"'], speeds_[i])
+                peers.append(ProcessGroup(["ip", "netns", "exec", ns, *args], out / f"peer{i}.log"))
             deadline, shown = started + timeout, 0.0
             while any(p.alive() for p in peers) and time.monotonic() < deadline:
                 if time.monotonic() - shown >= 30:
@@ -539,9 +531,6 @@ def main(argv: list[str] | None = None) -> None:
     wp.add_argument("--next-chunk-s", type=float, default=30.0, help="run.averaging.next_chunk_s (default 30)")
     wp.add_argument("--round-s", type=float, default=200.0, help="run.averaging.round_s (default 200)")
     args = ap.parse_args(argv)
-    # The peers are managed children: never let `p2pdiloco join` put itself under a terminal supervisor
-    # (it does when stdin is a TTY), whose peer would sit in a session ProcessGroup.stop cannot reach.
-    os.environ["P2PDILOCO_SUPERVISED"] = "1"
     try:
         result = dict(speeds=speeds, wan=wan)[args.part](args)
     except KeyboardInterrupt:  # the finally blocks have stopped every peer and coordinator and removed the namespaces

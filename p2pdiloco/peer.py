@@ -278,7 +278,7 @@ class Peer:
     def _finish_round(self) -> None:
         """Wait for the pending round (idle only if training could not hide it) and act on it."""
         pending, self.round = self.round, None
-        result = pending.future.result()  # bounded: every wait inside a round is (grace_s, round_s, DHT requests)
+        result = pending.future.result()  # bounded: waiting for peers (grace_s or round_s), the round (round_s), DHT requests
         if isinstance(result, RoundResult) or result == "alone":
             self._outer_step(result, pending)
             self._sync_with_swarm()  # another group at our epoch may have won (a fork): adopt its state
@@ -409,13 +409,11 @@ class Peer:
         records = swarm.read_progress(self.dht, self.run_cfg.name, timeout=self.peer_cfg.dht_request_s, include_leaving=True)
         if records is None:
             return None
-        records = {peer: r for peer, r in records.items() if peer != self.peer_id and peer not in self.banned}
-        self.furthest_epoch_seen = max([self.furthest_epoch_seen, *(r.epoch for r in records.values() if not r.backup)])
+        records = self._note_records(records)
         self.departed.update(peer for peer, r in records.items() if r.leaving)
         self.backups = {peer: r for peer, r in records.items() if r.backup and not r.leaving}
-        others = {peer: r for peer, r in records.items() if not r.leaving and not r.backup}
+        others = self.known_others
         self.seen.update(others)
-        self.known_others = others
         if others:
             self.cut_off_since = None
         if others or self._may_be_alone():
@@ -451,7 +449,7 @@ class Peer:
     def _swarm_epoch(self) -> int:
         return max((r.epoch for r in (self._live_others() or {}).values()), default=-1)
 
-    def _wait_for_peers_ready(self, pending: "PendingRound | None" = None):
+    def _wait_for_peers_ready(self, pending: "PendingRound"):
         """Wait (bounded) for the live peers at or behind our epoch to be ready.
 
         Returns their records, "behind" if a peer is ahead of us, or None if the DHT was unreadable.
@@ -461,11 +459,13 @@ class Peer:
         (``grace_s``) runs from the moment a round can be held (another peer at our state is ready):
         stragglers get that long to join it. With overlap, while no other peer is ready there is
         no round to hold and nobody waits on us, so we keep waiting while the main loop trains on
-        (and refreshes what we will send, see :meth:`_resend`). Without
-        overlap the peer idles while it waits, so the grace time runs from the start.
+        (and refreshes what we will send, see :meth:`_resend`), for up to ``round_s``; then the
+        attempt ends and the next one announces us again. Without overlap the peer idles while it
+        waits, so the grace time runs from the start.
         """
-        grace = self.run_cfg.averaging.grace_s
-        grace_from = None if pending is not None and self.run_cfg.overlap else time.monotonic()
+        averaging = self.run_cfg.averaging
+        started = time.monotonic()
+        grace_from = None if self.run_cfg.overlap else started
         self._publish(ready=True)
         while True:
             others = self._live_others()
@@ -477,14 +477,16 @@ class Peer:
                 r.ready and r.epoch == self.outer.epoch and r.state_hash == self.outer.state_hash for r in others.values()
             ):
                 grace_from = time.monotonic()
-            if pending is not None and grace_from is not None:
+            if grace_from is not None:
                 pending.close()  # a round can be held: what we send is fixed
             # "Alone" only after we have been visible in the DHT for a heartbeat: a peer that started
             # at the same moment is then visible to us, or sees us (two simultaneous starters
             # must not both conclude they are alone and fork).
             unconfirmed_alone = others == {} and time.monotonic() < self.visible_since + self.peer_cfg.heartbeat_s
             waiting = others is None or unconfirmed_alone or [r for r in others.values() if r.epoch < self.outer.epoch or not r.ready]
-            if not waiting or (grace_from is not None and time.monotonic() > grace_from + grace) or self.stop_requested.is_set():
+            now = time.monotonic()
+            over = now > grace_from + averaging.grace_s if grace_from is not None else now > started + averaging.round_s
+            if not waiting or over or self.stop_requested.is_set():
                 return others
             self.stop_requested.wait(0.2)  # poll the DHT: peers announce readiness there, not to us
 
@@ -618,10 +620,16 @@ class Peer:
         the furthest epoch the run reached (see :meth:`_run_over`)."""
         records = swarm.read_progress(self.dht, self.run_cfg.name, timeout=self.peer_cfg.dht_request_s, include_leaving=True)
         if records is not None:
-            records = {p: r for p, r in records.items() if p != self.peer_id and p not in self.banned and not r.backup}
-            # (farewell records expire within 3 heartbeats: note how far the run got before they do)
-            self.furthest_epoch_seen = max([self.furthest_epoch_seen, *(r.epoch for r in records.values())])
-            self.known_others = {p: r for p, r in records.items() if not r.leaving}
+            self._note_records(records)
+
+    def _note_records(self, records: dict[str, swarm.Progress]) -> dict[str, swarm.Progress]:
+        """The other peers' records (banned ones left out). Notes the furthest epoch a training peer
+        reached, leaving ones included (farewell records expire within 3 heartbeats: note it before
+        they do), and the live training peers (``known_others``, whose speeds set DyLU budgets)."""
+        records = {peer: r for peer, r in records.items() if peer != self.peer_id and peer not in self.banned}
+        self.furthest_epoch_seen = max([self.furthest_epoch_seen, *(r.epoch for r in records.values() if not r.backup)])
+        self.known_others = {peer: r for peer, r in records.items() if not r.leaving and not r.backup}
+        return records
 
     def _publish(self, *, ready: bool | None = None, leaving: bool = False, wait: bool = False) -> None:
         """Store this peer's progress record (``ready``: None keeps the current flag)."""

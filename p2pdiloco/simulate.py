@@ -260,6 +260,24 @@ def parse_speeds(text: str | None, num_peers: int) -> list[float] | None:
     return speeds
 
 
+def peer_args(i: int, config_file: str, epochs: int, out: Path, addrs: list[str], overrides: list[str],
+              speed: float | None = None) -> list[str]:
+    """The ``p2pdiloco join`` command of simulated peer ``i``; peer 0 evaluates and exports the
+    global model, the others skip evaluation."""
+    args = [*_cli(), "join", config_file, "--max-epochs", str(epochs), "--metrics-file", str(out / f"peer{i}.jsonl")]
+    for addr in addrs:
+        args += ["--peers", addr]
+    for item in overrides:
+        args += ["--set", item]
+    if speed is not None:
+        args += ["--set", f"peer.emulate_speed={speed}"]
+    if i == 0:
+        args += ["--export", str(out / "model")]
+    else:
+        args += ["--set", "peer.eval_every=0"]
+    return args
+
+
 def run_simulation(config: str | None, *, overrides: list[str], num_peers: int, epochs: int, out: Path,
                    timeout: float | None, speeds: list[float] | None = None) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -279,18 +297,8 @@ def run_simulation(config: str | None, *, overrides: list[str], num_peers: int, 
     peers: list[ProcessGroup] = []
     try:
         for i in range(num_peers):
-            args = [*_cli(), "join", config_file, "--max-epochs", str(epochs), "--metrics-file", str(out / f"peer{i}.jsonl")]
-            for addr in addrs:
-                args += ["--peers", addr]
-            for item in overrides:
-                args += ["--set", item]
-            if speeds is not None:
-                args += ["--set", f"peer.emulate_speed={speeds[i]}"]
-            if i == 0:
-                args += ["--export", str(out / "model")]  # peer 0 evaluates and exports the global model
-            else:
-                args += ["--set", "peer.eval_every=0"]
-            peers.append(ProcessGroup(args, out / f"peer{i}.log"))
+            speed = None if speeds is None else speeds[i]
+            peers.append(ProcessGroup(peer_args(i, config_file, epochs, out, addrs, overrides, speed), out / f"peer{i}.log"))
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn()) as progress:
             tasks = [progress.add_task(f"peer {i}", total=epochs, info="starting") for i in range(num_peers)]
             deadline = started + timeout
