@@ -107,25 +107,28 @@ def run_one(arm: str, suite: dict, seed: int, cache: str, out: Path) -> dict:
 
         return run_hivemind_optimizer(config, ["run.inner_steps=50"], k, steps, seed, cache, str(out / "logs"), evals=evals)
     if arm == "swarm_h50":
-        return run_swarm(config, k, steps, seed, out / "logs" / f"swarm_seed{seed}")
+        return run_swarm(config, k, steps, seed, out / "logs" / f"swarm_seed{seed}", cache)
     raise SystemExit(f"unknown arm '{arm}': choose from {', '.join(ALL_ARMS)}")
 
 
-def run_swarm(config: str, k: int, steps: int, seed: int, out: Path) -> dict:
+def run_swarm(config: str, k: int, steps: int, seed: int, out: Path, cache: str) -> dict:
     """Real peers (``p2pdiloco simulate``), lock-step DiLoCo with H = 50, until the token budget."""
     from p2pdiloco.config import load_recipe
     from p2pdiloco.simulate import read_metrics, run_simulation
 
     h = 50
     overrides = [f"run.inner_steps={h}", "run.dynamic_local_updates=false", "run.overlap=false",
-                 f"run.target_group_size={k}", f"run.min_group_size={k}", f"run.seed={seed}", f"run.model.init_seed={seed}"]
+                 f"run.target_group_size={k}", f"run.min_group_size={k}", f"run.seed={seed}", f"run.model.init_seed={seed}",
+                 f'peer.cache_dir="{cache}"']
     run = load_recipe(config, overrides).run
     epochs = max(1, steps // h)
-    started, t0 = time.perf_counter(), time.time()
+    started = time.perf_counter()
     summary = run_simulation(config, overrides=overrides, num_peers=k, epochs=epochs, out=out, timeout=None)
     tokens_per_epoch = k * h * run.data.batch_size * run.data.seq_len
     # peer 0 evaluates the global parameters after every epoch: its records give the times
-    seconds = {r["epoch"]: r["time"] - t0 for r in read_metrics(out / "peer0.jsonl") if r.get("val_loss") is not None}
+    # (seconds from its first evaluation, before any training: start-up is left out, as for DDP)
+    evals = {r["epoch"]: r["time"] for r in read_metrics(out / "peer0.jsonl") if r.get("val_loss") is not None}
+    seconds = {e: t - min(evals.values()) for e, t in evals.items()}
     sent, curve = 0.0, []
     for r in summary["epochs"]:
         sent += r["bytes_sent"] / k
@@ -264,8 +267,9 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = {name: plt.get_cmap("tab20")(i) for i, name in enumerate(ALL_ARMS)}  # one colour per arm in every panel
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    panels = [(axes[0][0], 0, "tokens (all peers)", None), (axes[0][1], 1, "wall clock s (real processes)", "wall"),
+    panels = [(axes[0][0], 0, "tokens (all peers)", None), (axes[0][1], 1, "wall clock s from the first step (real processes)", "wall"),
               (axes[1][0], 1, "virtual s (lab, notebook speeds)", "virtual"), (axes[1][1], 2, "bytes sent per peer", None)]
     for ax, col, label, clock in panels:
         for name, a in results["arms"].items():
@@ -273,7 +277,7 @@ def plot(results: dict, path: Path) -> None:
                 continue
             pts = [(p[col], p[3]) for p in a["val_curve"] if col != 2 or p[2] > 0]
             if pts:
-                ax.plot(*zip(*pts), "o-" if len(pts) < 30 else "-", ms=3, label=name)
+                ax.plot(*zip(*pts), "o-" if len(pts) < 30 else "-", ms=3, label=name, color=colors.get(name))
         ax.set_xlabel(label)
         ax.set_ylabel("validation loss")
         if col == 2:

@@ -234,6 +234,7 @@ class _Lab:
         self.eval_every = max(1, self.budget // max(1, arm.evals))
         self.next_eval = 0
         self.tokens, self.clock, self.bytes_per_peer, self.rounds = 0, 0.0, 0.0, 0
+        self.landed_steps = 0  # worker steps whose phases the outer state has taken in
         self.staleness: list[int] = []
         self.group_sizes: list[int] = []
         self.curve: list[list[float]] = []  # [tokens, virtual s, bytes per peer, val loss]
@@ -257,9 +258,10 @@ class _Lab:
         h = self.run.inner_steps
         steps = pace.dylu_steps(h, 1 / w.step_s, [1 / s for s in self.speeds], self.run.min_inner_steps) if self.arm.dylu else h
         steps = min(steps, self.budget - self.steps_done)
-        # the schedule is keyed to global progress, as a real peer's is (epoch x H there): the
-        # swarm's worker steps over k, so that no arm's schedule runs faster than another's
-        first = self.steps_done // self.k
+        # The schedule is keyed to global progress, as a real peer's is (epoch x H there): the
+        # worker steps the global state holds (landed in outer steps) over k, so that no arm's
+        # schedule runs faster than another's, and lock-step workers share one point of it.
+        first = self.landed_steps // self.k
         w.start(self.outer.params, self.outer.epoch)
         if steps > 0:
             w.train(steps, first)
@@ -270,6 +272,7 @@ class _Lab:
     def apply(self, group: list[_Worker]) -> float:
         """One round: reduce the group's pseudo-gradients and take the outer step; returns its
         virtual seconds (latency + the busiest member's bytes over the bandwidth)."""
+        self.landed_steps += sum(w.phase_steps for w in group)
         if self.arm.mode == "single":  # plain training: the worker's parameters are the model
             self.outer.params.copy_(flatten_parameters(group[0].model))
             return 0.0
