@@ -23,12 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 
-def loopback_tx_bytes() -> int:
-    """Bytes sent on the loopback interface since boot (every process on this machine)."""
-    for line in Path("/proc/net/dev").read_text().splitlines():
+def loopback_tx_bytes(dev: str = "/proc/net/dev") -> int:
+    """Bytes sent on the loopback interface since boot, by every process of this network namespace
+    (or of the one whose ``/proc/PID/net/dev`` is ``dev``)."""
+    for line in Path(dev).read_text().splitlines():
         name, _, fields = line.partition(":")
         if name.strip() == "lo":
-            return int(fields.split()[8])
+            return int(fields.split()[8])  # receive: 8 fields, then transmit: bytes first
     return 0
 
 

@@ -182,7 +182,7 @@ class _Worker:
 
 def run_arm(arm: LabArm, config: str, seed: int, cache: str | Path | None = None,
             progress: Callable[[str], None] | None = None) -> dict:
-    """Run one arm with one seed; returns its figures (the fields are listed in ``bench/README.md``).
+    """Run one arm with one seed; returns its figures (``val_curve`` rows are ``[tokens, virtual s, bytes per peer, val loss]``).
 
     ``seed`` sets both the data order (``run.seed``) and the initial parameters
     (``run.model.init_seed``), as a different run of the swarm would.
