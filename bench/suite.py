@@ -19,6 +19,7 @@ hivemind_optimizer     real ``hivemind.Optimizer``, one process per peer, local 
                        parameter averaging every H = 50 steps (``bench/hivemind_baseline.py``)
 diloco_h10/h50/h100    lock-step DiLoCo (Nesterov 0.7/0.9) with H = 10/50/100 (the lab)
 diloco_h50_mom0.9      H = 50 with DiLoCo's outer momentum 0.9 (the recipe's is 0.5: see BENCHMARKS.md)
+diloco_h50_fp16/bf16   H = 50 with the 16-bit codecs on both legs (the lab)
 diloco_h50_blockwise8  H = 50 with the blockwise 8-bit codec on both legs (the lab)
 diloco_h50_4bit        H = 50 with the blockwise 4-bit codec (the lab)
 fedavg_h50             H = 50, outer SGD lr 1 without momentum (DiLoCo Fig. 6's FedAvg)
@@ -64,6 +65,8 @@ LAB_ARMS = {
     "diloco_h50": dict(overrides=("run.inner_steps=50",)),
     "diloco_h100": dict(overrides=("run.inner_steps=100",)),
     "diloco_h50_mom0.9": dict(overrides=("run.inner_steps=50", "run.outer_momentum=0.9")),  # DiLoCo's own 0.7/0.9
+    "diloco_h50_fp16": dict(overrides=("run.inner_steps=50", "run.compression=fp16")),
+    "diloco_h50_bf16": dict(overrides=("run.inner_steps=50", "run.compression=bf16")),
     "diloco_h50_blockwise8": dict(overrides=("run.inner_steps=50", "run.compression=blockwise8")),
     "diloco_h50_4bit": dict(overrides=("run.inner_steps=50", "run.compression=4bit")),
     "fedavg_h50": dict(overrides=("run.inner_steps=50", "run.outer_optimizer=sgd", "run.outer_lr=1.0", "run.outer_momentum=0.0")),
