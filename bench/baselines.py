@@ -12,6 +12,7 @@ Bytes: gloo's ring all-reduce sends ``2 (k-1)/k x 4 x parameters`` per step and 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -51,7 +52,7 @@ def _ddp_rank(rank: int, world: int, port: int, config: str, overrides: list[str
 
     torch.set_num_threads(1)  # k processes share this machine's cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=__import__("datetime").timedelta(seconds=120))
+                            timeout=datetime.timedelta(seconds=120))
     try:
         run = load_recipe(config, overrides).run
         net = model.build_model(run.model)

@@ -168,10 +168,10 @@ class _Worker:
         self.base, self.base_epoch = params.clone(), epoch
         load_flat_parameters(self.model, params)
 
-    def train(self, steps: int, first_global_step: int) -> float:
-        losses = [self.opt.step(self.stream.next_batch(), first_global_step + j) for j in range(steps)]
+    def train(self, steps: int, first_global_step: int) -> None:
+        for j in range(steps):
+            self.opt.step(self.stream.next_batch(), first_global_step + j)
         self.steps_done += steps
-        return sum(losses) / max(1, len(losses))
 
     def delta(self) -> torch.Tensor:
         return self.base - flatten_parameters(self.model)
