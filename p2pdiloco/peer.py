@@ -119,6 +119,8 @@ class Peer:
         self.last_loss: float | None = None
         self.last_val: float | None = None
         self.last_round: tuple[int, list[str], float] | None = None  # (epoch reached, group, when)
+        self.round_stats: dict = {}  # the last round's figures, published in our record (dashboards)
+        self.bytes_sent_total = 0
         self.banned: set[str] = set()  # peers caught sending non-finite values or invalid states
         self.seen: set[str] = set()  # every other peer seen live in this run...
         self.departed: set[str] = set()  # ...and those that announced leaving
@@ -366,6 +368,9 @@ class Peer:
         done, self.work, self.attempt_from = pending.sent, self.work.since(pending.sent, self.outer.epoch), 0
         if group:
             self.last_round = (self.outer.epoch, group.group, time.monotonic())
+            self.bytes_sent_total += group.bytes_sent
+            self.round_stats = dict(round_epoch=self.outer.epoch, group_size=len(group.group), allreduce_s=group.seconds,
+                                    round_bytes=group.bytes_sent, bytes_sent_total=self.bytes_sent_total)
         self.last_loss = sum(done.losses) / len(done.losses)
         val_loss = self._maybe_eval()
         self._record(
@@ -655,6 +660,7 @@ class Peer:
             time=time.time(),
             ready=self.ready,
             leaving=leaving,
+            **self.round_stats,
         )
         timeout = self.peer_cfg.dht_request_s if wait else None
         swarm.publish_progress(self.dht, self.run_cfg.name, record, ttl=3 * self.peer_cfg.heartbeat_s, timeout=timeout)

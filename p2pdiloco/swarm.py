@@ -47,6 +47,12 @@ class Progress(BaseModel):
     ready: bool = False  # finished its inner phase and waiting to average
     leaving: bool = False
     backup: bool = False  # a coordinator's copy of the state: a donor, never a training peer
+    # This peer's last completed round (for dashboards; None/0 before its first round).
+    round_epoch: int | None = Field(None, ge=0)  # the epoch that round reached
+    group_size: int = Field(0, ge=0, le=100_000)
+    allreduce_s: float | None = Field(None, ge=0, le=1e6)
+    round_bytes: int = Field(0, ge=0)  # bytes this peer sent in it
+    bytes_sent_total: int = Field(0, ge=0)  # sent in every round since this peer started
 
 
 def progress_key(run: str) -> str:
