@@ -68,6 +68,13 @@ def coordinator(
     backup_dir: Path = typer.Option(Path("p2pdiloco-backup"), help="Folder for the --backup copy (reloaded on restart)."),
     backup_every: int = typer.Option(1, min=1, help="Refresh the --backup copy every N epochs of the swarm."),
     set_: list[str] = typer.Option([], "--set", help="Override a field of the --backup recipe (repeatable)."),
+    dashboard_port: Optional[int] = typer.Option(
+        None, min=0, max=65535, help="Serve the web dashboard on this port (off by default; 0 = any free port)."
+    ),
+    dashboard_host: str = typer.Option(
+        "127.0.0.1", help="Listen address of the dashboard: loopback unless you mean to publish it (read-only)."
+    ),
+    dashboard_refresh: float = typer.Option(5.0, min=0.5, help="Seconds between the dashboard's reads of the DHT."),
     log_level: str = typer.Option("info", envvar="P2PDILOCO_LOG_LEVEL"),
 ) -> None:
     """Run a long-lived bootstrap peer: a stable address for volunteers to join through. Ctrl+C stops it."""
@@ -83,6 +90,7 @@ def coordinator(
         run_coordinator(
             host=host, port=port, public_host=public_host, identity=identity, addrs_file=addrs_file,
             timeout=startup_timeout, backup=keep,
+            dashboard=None if dashboard_port is None else (dashboard_host, dashboard_port, dashboard_refresh),
         )
     except P2PDilocoError as e:
         _fail(e)
@@ -147,6 +155,9 @@ def simulate(
         None, help="EMULATION: each peer's speed as a fraction of this machine's, e.g. 1,0.5,0.25 (peers sleep "
         "after each step; sets peer.emulate_speed)."
     ),
+    dashboard_port: Optional[int] = typer.Option(
+        None, min=1, max=65535, help="Serve the coordinator's web dashboard on this port of 127.0.0.1 while it runs."
+    ),
 ) -> None:
     """Start a coordinator and N peers on this machine, train, and summarize (the main job)."""
     _setup_logging("warning")
@@ -154,7 +165,7 @@ def simulate(
 
     try:
         summary = run_simulation(config, overrides=list(set_), num_peers=peers, epochs=epochs, out=out, timeout=timeout,
-                                 speeds=parse_speeds(speeds, peers))
+                                 speeds=parse_speeds(speeds, peers), dashboard_port=dashboard_port)
     except P2PDilocoError as e:
         _fail(e)
     if not summary["consistent"] or summary["epochs_completed"] < epochs:

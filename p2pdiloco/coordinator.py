@@ -28,9 +28,13 @@ def run_coordinator(
     addrs_file: Path | None,
     timeout: float,
     backup: tuple | None = None,
+    dashboard: tuple[str, int, float] | None = None,
 ) -> None:
-    """``backup``: (recipe, folder, every_epochs) to keep a copy of that run's state (see backup.py)."""
-    """Serve the DHT until SIGINT/SIGTERM, then stop it and its ``p2pd`` daemon cleanly."""
+    """Serve the DHT until SIGINT/SIGTERM, then stop it and its ``p2pd`` daemon cleanly.
+
+    ``backup``: (recipe, folder, every_epochs) to keep a copy of that run's state (see backup.py).
+    ``dashboard``: (host, port, refresh_s) to serve the web dashboard (see dashboard.py).
+    """
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -39,7 +43,7 @@ def run_coordinator(
     )
     # No initial peers to fall back on, but after a network cut it re-contacts the peers it knew.
     watchdog = swarm.RoutingWatchdog(dht, [], period_s=10.0, timeout_s=5.0)
-    keeper = None
+    keeper = watch = server = None
     try:
         if backup:
             from p2pdiloco.backup import StateBackup
@@ -47,6 +51,14 @@ def run_coordinator(
             recipe, folder, every = backup
             keeper = StateBackup(dht, recipe, folder, every_epochs=every, every_s=recipe.peer.heartbeat_s)
             log.info("keeping a backup of run '%s' in %s (every %d epoch(s))", recipe.run.name, folder, every)
+        if dashboard:
+            from p2pdiloco import dashboard as board
+
+            dash_host, dash_port, refresh_s = dashboard
+            watch = board.SwarmWatch(dht, refresh_s=refresh_s).start()
+            server = board.serve(watch, dash_host, dash_port)
+            shown = "127.0.0.1" if dash_host in ("0.0.0.0", "") else dash_host
+            print(f"dashboard: http://{shown}:{server.server_address[1]}/ (read-only; refreshes every {refresh_s:g} s)", flush=True)
         addrs = swarm.maddrs_of(dht)
         print("coordinator is up; peers join with:", flush=True)
         for addr in addrs:
@@ -58,6 +70,10 @@ def run_coordinator(
         stop.wait()
         print("coordinator: stopping", flush=True)
     finally:
+        if server is not None:
+            server.shutdown()
+        if watch is not None:
+            watch.stop()
         if keeper is not None:
             keeper.stop()
         watchdog.stop()
@@ -65,20 +81,21 @@ def run_coordinator(
 
 
 def collect_status(peers: list[str], run: str | None, timeout: float) -> dict:
-    """``{run: [progress records]}`` for the given run, or for every run the DHT lists."""
+    """``{run: summary}`` (see :func:`p2pdiloco.dashboard.summarize_run`) for the given run, or for
+    every run the DHT lists."""
+    from p2pdiloco.dashboard import list_runs, summarize_run
+
     dht = swarm.start_dht(peers, client_mode=True, timeout=timeout)
     try:
-        if run:
-            runs = [run]
-        else:
-            found = dht.get(swarm.RUNS_KEY, latest=True, return_future=True).result(timeout=timeout)
-            runs = sorted(str(k) for k in found.value) if found is not None and isinstance(found.value, dict) else []
+        runs = [run] if run else list_runs(dht, timeout)
+        if runs is None:
+            raise SwarmError(f"could not list the runs in the DHT within {timeout:.0f} s: try a larger --timeout")
         status = {}
         for name in runs:
-            records = swarm.read_progress(dht, name, timeout)
+            records = swarm.read_progress(dht, name, timeout, include_leaving=True)
             if records is None:
                 raise SwarmError(f"could not read run '{name}' from the DHT within {timeout:.0f} s: try a larger --timeout")
-            status[name] = [r.model_dump() for r in records.values()]
+            status[name] = summarize_run(name, records)
         return status
     finally:
         swarm.stop_dht(dht)
@@ -95,20 +112,38 @@ def print_status(peers: list[str], *, run: str | None, as_json: bool, timeout: f
     console = Console()
     if not status:
         console.print("no run found in the DHT (no peer has published progress yet)")
-    now = time.time()
-    for name, records in status.items():
-        table = Table(title=f"run {name}: {len(records)} peer(s)")
-        for col in ("peer", "epoch", "tokens/s", "train loss", "val loss", "shard", "state", "seen"):
-            table.add_column(col)
-        for r in sorted(records, key=lambda r: (-r["epoch"], r["peer"])):
+    for name, s in status.items():
+        last = s["last_round"]
+        facts = [f"epoch {s['epoch'] if s['epoch'] is not None else '-'}", f"{s['peers_online']} peer(s) online",
+                 f"{s['tokens_per_s']:.0f} tokens/s"]
+        if s["val_loss"] is not None:
+            facts.append(f"val loss {s['val_loss']:.3f} at epoch {s['val_epoch']}")
+        if last:
+            facts.append(f"last round: epoch {last['epoch']}, {last['group_size']} peers, {last['allreduce_s']:.2f} s, "
+                         f"{_human(last['bytes_sent'])} sent")
+        table = Table(title=f"run {name}: " + "; ".join(facts))
+        for col in ("peer", "state", "epoch", "tokens/s", "train loss", "val loss", "group", "all-reduce s", "sent", "digest", "seen"):
+            table.add_column(col, justify="left" if col in ("peer", "state", "digest") else "right")
+        for r in s["peers"]:
             table.add_row(
                 r["peer"][-12:],
+                r["role"],
                 str(r["epoch"]),
                 f"{r['tokens_per_s']:.0f}",
                 "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}",
                 "-" if r["val_loss"] is None else f"{r['val_loss']:.3f}",
-                str(r["shard"]),
-                r["state_hash"][:8] + (" ready" if r.get("ready") else ""),
-                f"{max(0.0, now - r['time']):.0f}s ago",
+                str(r["group_size"] or "-"),
+                "-" if r["allreduce_s"] is None else f"{r['allreduce_s']:.2f}",
+                _human(r["bytes_sent_total"]),
+                r["state_hash"][:8],
+                f"{r['last_seen_s']:.0f}s ago",
             )
         console.print(table)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -118,8 +118,9 @@ class Peer:
         self.tokens_per_s = 0.0
         self.last_loss: float | None = None
         self.last_val: float | None = None
+        self.last_val_epoch: int | None = None
         self.last_round: tuple[int, list[str], float] | None = None  # (epoch reached, group, when)
-        self.round_stats: dict = {}  # the last round's figures, published in our record (dashboards)
+        self.recent_rounds: list[swarm.RoundStat] = []  # published in our record, for dashboards
         self.bytes_sent_total = 0
         self.banned: set[str] = set()  # peers caught sending non-finite values or invalid states
         self.seen: set[str] = set()  # every other peer seen live in this run...
@@ -199,6 +200,15 @@ class Peer:
             state["residual"] = self.residual.clone()
         path = checkpoint.save(self.peer_cfg.checkpoint_dir, state)
         log.log(level, "checkpoint of epoch %d saved to %s", state["epoch"], path)
+
+    @property
+    def round_stats(self) -> dict:
+        """The last round's figures (empty before the first): for the console view."""
+        if not self.recent_rounds:
+            return {}
+        last = self.recent_rounds[-1]
+        return dict(round_epoch=last.epoch, group_size=last.group_size, allreduce_s=last.allreduce_s,
+                    round_bytes=last.bytes_sent, bytes_sent_total=self.bytes_sent_total)
 
     @property
     def short_id(self) -> str:
@@ -369,8 +379,9 @@ class Peer:
         if group:
             self.last_round = (self.outer.epoch, group.group, time.monotonic())
             self.bytes_sent_total += group.bytes_sent
-            self.round_stats = dict(round_epoch=self.outer.epoch, group_size=len(group.group), allreduce_s=group.seconds,
-                                    round_bytes=group.bytes_sent, bytes_sent_total=self.bytes_sent_total)
+            stat = swarm.RoundStat(epoch=self.outer.epoch, group_size=len(group.group), allreduce_s=group.seconds,
+                                   bytes_sent=group.bytes_sent)
+            self.recent_rounds = [*self.recent_rounds, stat][-swarm.RECENT_ROUNDS:]
         self.last_loss = sum(done.losses) / len(done.losses)
         val_loss = self._maybe_eval()
         self._record(
@@ -656,11 +667,13 @@ class Peer:
             speed=self.speedometer.steps_per_s,
             train_loss=self.last_loss,
             val_loss=self.last_val,
+            val_epoch=self.last_val_epoch,
             shard=self.stream.shard,
             time=time.time(),
             ready=self.ready,
             leaving=leaving,
-            **self.round_stats,
+            rounds=self.recent_rounds,
+            bytes_sent_total=self.bytes_sent_total,
         )
         timeout = self.peer_cfg.dht_request_s if wait else None
         swarm.publish_progress(self.dht, self.run_cfg.name, record, ttl=3 * self.peer_cfg.heartbeat_s, timeout=timeout)
@@ -673,7 +686,7 @@ class Peer:
             started = time.monotonic()
             local = flatten_parameters(self.model) if self.work.steps else None
             self._load_global_into_model()  # evaluate the global parameters, not our working copy
-            self.last_val = self.evaluate()
+            self.last_val, self.last_val_epoch = self.evaluate(), self.outer.epoch
             if local is not None:
                 load_flat_parameters(self.model, local.to(self.device))
             self.clock["eval"] += time.monotonic() - started

@@ -279,7 +279,7 @@ def peer_args(i: int, config_file: str, epochs: int, out: Path, addrs: list[str]
 
 
 def run_simulation(config: str | None, *, overrides: list[str], num_peers: int, epochs: int, out: Path,
-                   timeout: float | None, speeds: list[float] | None = None) -> dict:
+                   timeout: float | None, speeds: list[float] | None = None, dashboard_port: int | None = None) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     recipe = load_recipe(config, overrides)  # fail fast on a bad config, before starting anything
@@ -293,7 +293,10 @@ def run_simulation(config: str | None, *, overrides: list[str], num_peers: int, 
     data.prepare(recipe.run.data, recipe.run.model.vocab_size, Path(recipe.peer.cache_dir).expanduser())
     timeout = timeout or default_timeout(recipe, epochs, num_peers) / min(speeds or [1.0])
     started, started_at = time.monotonic(), time.time()
-    coord, addrs = start_coordinator(out, recipe.peer.bootstrap_s)
+    dashboard = ["--dashboard-port", str(dashboard_port)] if dashboard_port else []
+    coord, addrs = start_coordinator(out, recipe.peer.bootstrap_s, *dashboard)
+    if dashboard_port:
+        print(f"dashboard: http://127.0.0.1:{dashboard_port}/", flush=True)
     peers: list[ProcessGroup] = []
     try:
         for i in range(num_peers):

@@ -31,6 +31,19 @@ log = logging.getLogger(__name__)
 RUNS_KEY = "p2pdiloco_runs"
 
 
+RECENT_ROUNDS = 8  # rounds a progress record recalls
+
+
+class RoundStat(BaseModel):
+    """One completed all-reduce round of a peer, as its progress record recalls it."""
+
+    model_config = ConfigDict(extra="ignore")
+    epoch: int = Field(ge=0)  # the epoch the round's outer step reached
+    group_size: int = Field(ge=1, le=100_000)
+    allreduce_s: float = Field(ge=0, le=1e6)
+    bytes_sent: int = Field(ge=0)  # by this peer in that round
+
+
 class Progress(BaseModel):
     """What a peer tells the swarm about itself, refreshed every epoch."""
 
@@ -42,17 +55,16 @@ class Progress(BaseModel):
     speed: float = Field(0.0, ge=0, le=1e6)  # inner steps per second of compute (DyLU); 0 = not measured yet
     train_loss: float | None = None
     val_loss: float | None = None
+    val_epoch: int | None = Field(None, ge=0)  # the epoch of the global parameters val_loss was measured on
     shard: int = Field(0, ge=0)
     time: float = 0.0
     ready: bool = False  # finished its inner phase and waiting to average
     leaving: bool = False
     backup: bool = False  # a coordinator's copy of the state: a donor, never a training peer
-    # This peer's last completed round (for dashboards; None/0 before its first round).
-    round_epoch: int | None = Field(None, ge=0)  # the epoch that round reached
-    group_size: int = Field(0, ge=0, le=100_000)
-    allreduce_s: float | None = Field(None, ge=0, le=1e6)
-    round_bytes: int = Field(0, ge=0)  # bytes this peer sent in it
-    bytes_sent_total: int = Field(0, ge=0)  # sent in every round since this peer started
+    # This peer's last few rounds, oldest first, so a dashboard polling slower than the epochs
+    # go by still sees every round; and the bytes it sent in all its rounds since it started.
+    rounds: list[RoundStat] = Field(default_factory=list, max_length=RECENT_ROUNDS)
+    bytes_sent_total: int = Field(0, ge=0)
 
 
 def progress_key(run: str) -> str:

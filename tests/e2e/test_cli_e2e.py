@@ -60,7 +60,9 @@ def test_status_lists_the_peer_and_join_refuses_a_different_config(tmp_path, dat
         _wait_for(lambda: read_metrics(tmp_path / "peer0.jsonl"), 120, "the first peer to start")
         status = subprocess.run([*_cli(), "status", "--peers", addrs[0], "--json"], capture_output=True, text=True, timeout=120)
         assert status.returncode == 0, status.stderr[-2000:]
-        records = json.loads(status.stdout)["test"]
+        run = json.loads(status.stdout)["test"]
+        records = run["peers"]
+        assert run["peers_online"] == 1 and run["epoch"] == records[0]["epoch"]
         assert [r["peer"] for r in records] == [read_metrics(tmp_path / "peer0.jsonl")[0]["peer"]]
         assert records[0]["epoch"] >= 0 and records[0]["state_hash"]
         r = subprocess.run(

@@ -55,7 +55,9 @@ def _status_through(addrs: list[str]) -> list[dict]:
     for addr in addrs:
         args += ["--peers", addr]
     done = subprocess.run(args, capture_output=True, text=True, timeout=60)
-    return json.loads(done.stdout).get(CFG.run.name, []) if done.returncode == 0 else []
+    if done.returncode != 0:
+        return []
+    return [r for r in json.loads(done.stdout).get(CFG.run.name, {}).get("peers", []) if r["role"] != "leaving"]
 
 
 def _stop(swarm: LocalSwarm, indices) -> None:
