@@ -420,8 +420,33 @@ class PseudoGradientAverager:
         return dict(bytes_sent=float(t[SENT]), bytes_received=float(t[RECEIVED]), encode_s=float(t[ENCODE_S]), decode_s=float(t[DECODE_S]))
 
     def set_state_priority(self, epoch: int) -> None:
-        """Newcomers try donors with the highest epoch first."""
-        self._averager.state_sharing_priority = float(epoch)
+        """Newcomers try donors with the highest epoch first. A client-mode averager serves no
+        state (others cannot dial it), so it has no priority to publish (hivemind refuses one)."""
+        if not self._averager.client_mode:
+            self._averager.state_sharing_priority = float(epoch)
+
+    def state_sharers(self, timeout: float | None = None) -> set[str] | None:
+        """Peers of this averaging namespace that currently declare they serve their state.
+
+        hivemind's averagers declare it in the DHT every ``declare_state_period``; client-mode
+        averagers never do. None when the DHT could not be read in time.
+        """
+        key = f"{self._averager.prefix}.all_averagers"
+        try:
+            found = self._averager.dht.get(key, latest=True, return_future=True).result(timeout=timeout or self.cfg.request_s)
+        except Exception as e:
+            log.debug("could not read the state sharers: %r", e)
+            return None
+        if found is None or not isinstance(found.value, dict):
+            return set()
+        sharers = set()
+        for subkey, item in found.value.items():
+            if isinstance(getattr(item, "value", None), (int, float)) and isinstance(subkey, bytes):
+                try:
+                    sharers.add(PeerID(subkey).to_base58())
+                except Exception:  # a malformed subkey from a stranger: not a donor
+                    continue
+        return sharers
 
     def average(
         self,
@@ -504,7 +529,14 @@ class PseudoGradientAverager:
         return future.result(timeout=timeout or self.cfg.request_s)
 
     def download_state(self, peers: list[str], timeout: float):
-        """Fetch ``(donor, metadata, tensors)`` from the first of ``peers`` that answers, else raise."""
+        """Fetch ``(donor, metadata, tensors)`` from the first of ``peers`` that answers, else raise.
+
+        Peers that declare they serve their state are tried first: a client-mode peer holds the
+        same state but cannot be dialed, and asking it would only cost a timeout. The others stay
+        last in line, in case a declaration lapsed (it is refreshed every few seconds).
+        """
+        sharers = self.state_sharers() or set()
+        peers = sorted(peers, key=lambda p: p not in sharers)  # stable: the caller's order otherwise
         try:
             result = self._call("_download_state_from", timeout, peers=peers, chunk_timeout=self.cfg.next_chunk_s)
         except Exception as e:

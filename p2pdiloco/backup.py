@@ -92,7 +92,8 @@ class StateBackup:
         self.averager.set_state_priority(self.outer.epoch)
         with self.lock:
             fields = self.outer.checkpoint_fields()
-        checkpoint.save(self.directory, dict(fingerprint=self.fingerprint, inner=None, data=None, **fields))
+        # the run config makes the copy exportable (`p2pdiloco export`); the tokenizer then comes from the cache
+        checkpoint.save(self.directory, dict(fingerprint=self.fingerprint, inner=None, data=None, config=self.run.canonical(), **fields))
         log.info("backup: state of epoch %d (from %s) saved to %s", self.outer.epoch, donor[-6:], self.directory)
 
     def _publish(self) -> None:

@@ -24,7 +24,13 @@ app = typer.Typer(
 )
 
 SET_HELP = "Override a config field, e.g. --set run.inner_steps=20 (repeatable)."
-PEERS_HELP = "Multiaddr of a peer of the run (a coordinator, another peer, or a hivemind-dht node); repeatable."
+PEERS_HELP = (
+    "A peer of the run (a coordinator, another peer, or a hivemind-dht node): its multiaddr, a file of multiaddrs "
+    "(a coordinator's --addrs-file), or the NAME of a bootstrap list (peers/README.md); repeatable."
+)
+NAT_HELP = (
+    "auto (default), public, client, relay or local: how this peer takes part behind NAT (peer.nat; see peers/README.md)."
+)
 
 
 def _setup_logging(level: str) -> None:
@@ -39,6 +45,17 @@ def _setup_logging(level: str) -> None:
 def _fail(err: P2PDilocoError) -> None:
     typer.echo(f"error: {err}", err=True)
     raise typer.Exit(err.exit_code)
+
+
+def _resolve_peers(values: list[str], config: Optional[str] = None) -> tuple[list[str], Optional[str]]:
+    """``--peers`` values as multiaddrs; with no CONFIG, the recipe a named bootstrap list expects."""
+    from p2pdiloco import bootstrap
+
+    found = bootstrap.resolve(values)
+    if config is None and found.recipe:
+        logging.getLogger("p2pdiloco").info("recipe %s, as the bootstrap list %s expects", found.recipe, found.sources[0])
+        config = found.recipe
+    return found.addrs, config
 
 
 def _version(value: bool) -> None:
@@ -106,6 +123,7 @@ def join(
     port: Optional[int] = typer.Option(None, help="TCP port (peer.port); 0 = any free port."),
     host: Optional[str] = typer.Option(None, help="Listen address (peer.host); 0.0.0.0 to accept remote peers."),
     public_host: Optional[str] = typer.Option(None, help="Address others should dial (peer.public_host)."),
+    nat: Optional[str] = typer.Option(None, help=NAT_HELP),
     identity: Optional[Path] = typer.Option(None, help="Private key file for a stable peer id (peer.identity)."),
     checkpoint_dir: Optional[Path] = typer.Option(
         None, help="Checkpoint here every epoch and on exit; resume from it on restart (peer.checkpoint_dir)."
@@ -122,11 +140,13 @@ def join(
     from p2pdiloco.config import load_recipe
 
     overrides = list(set_)
-    flags = (("port", port), ("host", host), ("public_host", public_host), ("identity", identity), ("checkpoint_dir", checkpoint_dir))
+    flags = (("port", port), ("host", host), ("public_host", public_host), ("nat", nat), ("identity", identity),
+             ("checkpoint_dir", checkpoint_dir))
     for key, value in flags:
         if value is not None:
             overrides.append(f"peer.{key}={value!s}" if key == "port" else f'peer.{key}="{value!s}"')
     try:
+        peers, config = _resolve_peers(peers, config)
         recipe = load_recipe(config, overrides)
         if not peers:
             logging.getLogger("p2pdiloco").info("no --peers given: starting a new run '%s' alone", recipe.run.name)
@@ -172,6 +192,70 @@ def simulate(
         raise typer.Exit(1)
 
 
+CHECKPOINT_HELP = "A checkpoint: a folder saved by join --checkpoint-dir (simulate: OUT/checkpoint) or its checkpoint.pt."
+OLD_CONFIG_HELP = "Only for checkpoints that carry no run config (older ones): the recipe they were trained with."
+CACHE_HELP = "Tokenizer cache, for checkpoints that carry no tokenizer (default: $P2PDILOCO_CACHE or ~/.cache/p2pdiloco)."
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr say nothing here
+    hf_logging.set_verbosity_error()
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help=CHECKPOINT_HELP),
+    outdir: Path = typer.Argument(..., help="Write the Hugging Face model folder here (new or empty)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTDIR if it holds an earlier export."),
+    config: Optional[str] = typer.Option(None, help=OLD_CONFIG_HELP),
+    set_: list[str] = typer.Option([], "--set", help="With --config: its overrides the run was trained with."),
+    cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP),
+) -> None:
+    """Save a checkpoint's global model as a Hugging Face folder (weights, config, tokenizer) that
+    AutoModelForCausalLM and AutoTokenizer load offline."""
+    _setup_logging("warning")
+    try:
+        _quiet_transformers()
+        from p2pdiloco.export import export_checkpoint
+
+        done = export_checkpoint(checkpoint, outdir, force=force, cache_dir=cache_dir, recipe=config, overrides=list(set_))
+    except P2PDilocoError as e:
+        _fail(e)
+    typer.echo(f"exported the global model of epoch {done['epoch']} of run '{done['run'] or '?'}' "
+               f"({done['parameters']:,} parameters) to {done['outdir']}")
+
+
+@app.command()
+def sample(
+    model: Path = typer.Argument(..., help=CHECKPOINT_HELP[:-1] + ", or a folder written by export."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Text to continue (repeatable; none = from scratch)."),
+    max_new_tokens: int = typer.Option(100, min=1, help="Tokens to generate per prompt (at most up to the context)."),
+    # the defaults of export.TEMPERATURE and TOP_K, restated: importing that module here would load torch
+    temperature: float = typer.Option(0.8, min=0.0, help="Sampling temperature; 0 = greedy."),
+    top_k: int = typer.Option(50, min=0, help="Sample among the K likeliest tokens; 0 = all."),
+    seed: int = typer.Option(0, help="Random seed: the same seed and prompts give the same text."),
+    device: str = typer.Option("auto", help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N."),
+    config: Optional[str] = typer.Option(None, help=OLD_CONFIG_HELP),
+    set_: list[str] = typer.Option([], "--set", help="With --config: its overrides the run was trained with."),
+    cache_dir: Optional[Path] = typer.Option(None, help=CACHE_HELP),
+) -> None:
+    """Print text generated by a checkpoint's global model (or an exported one), one sample per prompt."""
+    _setup_logging("warning")
+    try:
+        _quiet_transformers()
+        from p2pdiloco.export import generate, load_for_sampling, resolve_device
+
+        lm, tokenizer = load_for_sampling(model, device=resolve_device(device), cache_dir=cache_dir, recipe=config,
+                                          overrides=list(set_))
+        texts = generate(lm, tokenizer, list(prompt) or [""], max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, seed=seed)
+    except P2PDilocoError as e:
+        _fail(e)
+    typer.echo(("\n" + "-" * 40 + "\n").join(texts))  # samples contain blank lines: a rule tells them apart
+
+
 @app.command()
 def status(
     peers: list[str] = typer.Option(..., "--peers", help=PEERS_HELP),
@@ -184,9 +268,47 @@ def status(
     from p2pdiloco.coordinator import print_status
 
     try:
-        print_status(peers, run=run, as_json=as_json, timeout=timeout)
+        print_status(_resolve_peers(peers)[0], run=run, as_json=as_json, timeout=timeout)
     except P2PDilocoError as e:
         _fail(e)
+
+
+@app.command()
+def doctor(
+    config: Optional[str] = typer.Argument(None, help="Recipe to check this machine for (default: tiny-cpu)."),
+    peers: list[str] = typer.Option([], "--peers", help=PEERS_HELP + " Also checks that they answer and can dial you back."),
+    port: Optional[int] = typer.Option(None, help="The TCP port you will join with (peer.port)."),
+    host: Optional[str] = typer.Option(None, help="The listen address you will join with (peer.host)."),
+    public_host: Optional[str] = typer.Option(None, help="The address you will announce (peer.public_host)."),
+    nat: Optional[str] = typer.Option(None, help=NAT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    timeout: float = typer.Option(15.0, min=1.0, help="Seconds for each network check."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Check this machine for a recipe (Python, torch/CUDA, bitsandbytes, numpy, hivemind, RAM, disk,
+    port; with --peers, the network) and say what to fix. Exits non-zero if a check fails."""
+    _setup_logging("error")
+    from p2pdiloco.config import load_recipe
+
+    overrides = list(set_)
+    for key, value in (("port", port), ("host", host), ("public_host", public_host), ("nat", nat)):
+        if value is not None:
+            overrides.append(f"peer.{key}={value!s}" if key == "port" else f'peer.{key}="{value!s}"')
+    try:
+        addrs, config = _resolve_peers(peers, config)
+        recipe = load_recipe(config, overrides)
+        if addrs:
+            from p2pdiloco.swarm import validate_multiaddrs
+
+            addrs = validate_multiaddrs(addrs)
+    except P2PDilocoError as e:
+        _fail(e)
+    from p2pdiloco import doctor as checks
+
+    found = checks.run_checks(recipe, peers=addrs, timeout=timeout)
+    checks.report(found, as_json)
+    if any(c.status == checks.FAIL for c in found):
+        raise typer.Exit(1)
 
 
 def main() -> None:

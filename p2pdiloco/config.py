@@ -197,6 +197,14 @@ class PeerConfig(_Strict):
     host: str = Field("127.0.0.1", description="listen address; 0.0.0.0 to accept peers from other machines")
     port: int = Field(0, ge=0, lt=65536, description="0 = any free port")
     public_host: str | None = Field(None, description="address other peers should dial (behind NAT/Docker)")
+    nat: Literal["auto", "local", "public", "client", "relay"] = Field(
+        "auto",
+        description="how this peer takes part in the network: public (others dial it; a full peer), client (behind "
+        "NAT, dials out only: averages but reduces no slice and serves no state), relay (behind NAT, reachable "
+        "through the bootstrap peers' libp2p relay), local (loopback, no NAT probing), auto (local on loopback, "
+        "public with public_host, else asks the initial peers to dial it back: public if they can, client if not)",
+    )
+    nat_probe_s: float = Field(10.0, gt=0, description="nat = auto: the whole dial-back reachability probe")
     identity: str | None = Field(None, description="private key file: a stable peer id across restarts")
     cache_dir: str = Field(
         default_factory=lambda: os.environ.get("P2PDILOCO_CACHE", "~/.cache/p2pdiloco"),
@@ -224,6 +232,21 @@ class PeerConfig(_Strict):
     dht_request_s: float = Field(5.0, gt=0, description="one DHT request (read the swarm's records, ping a peer)")
     alone_after_s: float = Field(
         600.0, gt=0, description="cut off from every DHT neighbour this long, a peer assumes the swarm is gone and trains alone"
+    )
+    console: Literal["auto", "live", "plain"] = Field(
+        "auto", description="'live': a live view of the peer's progress on stderr; 'plain': log lines only; "
+        "'auto' = live when stderr is a terminal"
+    )
+    progress_every_s: float = Field(
+        30.0, ge=0, description="plain console: log a one-line progress summary this often; 0 = off"
+    )
+    tensorboard_dir: str | None = Field(
+        None, description="write TensorBoard scalars under DIR/RUN/PEER (run name, short peer id); needs "
+        "pip install 'p2pdiloco[tensorboard]'; None = off"
+    )
+    wandb_project: str | None = Field(
+        None, description="log to this Weights & Biases project, one run per peer (WANDB_MODE, WANDB_DIR, "
+        "WANDB_ENTITY apply); needs pip install 'p2pdiloco[wandb]'; None = off"
     )
 
 

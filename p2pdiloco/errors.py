@@ -43,6 +43,12 @@ class OutOfMemory(P2PDilocoError):
     exit_code = 7
 
 
+class ExportError(P2PDilocoError):
+    """A model folder that cannot be written or read (``export``, ``sample``, ``join --export``)."""
+
+    exit_code = 8
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """True for CUDA's OutOfMemoryError and the CPU allocator's "can't allocate memory"."""
     text = str(err).lower()

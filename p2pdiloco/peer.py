@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from p2pdiloco import checkpoint, faults, pace, swarm
+from p2pdiloco import checkpoint, console, faults, metrics, nat, pace, supervise, swarm
 from p2pdiloco.averaging import PseudoGradientAverager, RoundResult
 from p2pdiloco.config import Recipe
 from p2pdiloco.errors import AveragingFailed, CheckpointError, OutOfMemory, StateDownloadFailed, is_out_of_memory
@@ -51,6 +50,7 @@ class PendingRound:
     sent: pace.Work  # the work it carries
     future: Future | None = None
     waiting_alone: bool = True  # no other peer at our state is ready yet: the main loop trains on
+    stage: str = "waiting for peers"  # for the console view: "averaging" once the all-reduce starts
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def refresh(self, delta: torch.Tensor, base: torch.Tensor, sent: pace.Work) -> bool:
@@ -85,7 +85,11 @@ class Peer:
         initial_peers = swarm.validate_multiaddrs(initial_peers)
         self.run_cfg, self.peer_cfg = run, peer = recipe.run, recipe.peer
         self.max_epochs, self.export_dir = max_epochs, export_dir
-        self.metrics_path = Path(metrics_file) if metrics_file else None
+        if export_dir:  # refused now rather than after the whole run has trained
+            from p2pdiloco.export import check_outdir
+
+            check_outdir(Path(export_dir), force=True)
+        metrics.require_packages(peer)  # a switched-on TensorBoard or wandb that is missing fails now, not later
         self.fingerprint = run.fingerprint()
         self.stop_requested = stop_requested or threading.Event()
         self.state_lock = threading.Lock()  # the outer step vs. newcomers downloading the state
@@ -93,19 +97,27 @@ class Peer:
             torch.set_num_threads(peer.threads)
 
         cache = Path(peer.cache_dir).expanduser()
-        data.prepare(run.data, run.model.vocab_size, cache)  # before the DHT: a slow first run must not time out peers
+        prepared = data.prepare(run.data, run.model.vocab_size, cache)  # before the DHT: a slow first run must not time out peers
+        self.tokenizer_files = checkpoint.tokenizer_files(prepared / data.TOKENIZER_DIR)  # saved in checkpoints, for export
+        network = nat.resolve(peer.nat, host=peer.host, port=peer.port, public_host=peer.public_host,
+                              initial_peers=initial_peers, timeout=peer.nat_probe_s)
+        log.info("network mode: %s (%s)", network.mode, network.reason)
         self.dht = swarm.start_dht(
             initial_peers,
             host=peer.host,
-            port=peer.port,
-            public_host=peer.public_host,
+            port=network.port,
+            public_host=network.public_host,
             identity=peer.identity,
             timeout=peer.bootstrap_s,
+            nat=network.mode,
         )
+        self.client_mode = network.mode == "client"  # reduces no slice and serves no state (see p2pdiloco.nat)
         self.peer_id = str(self.dht.peer_id)
         self.resumed_epoch: int | None = None
         try:
             self._build(run, peer, cache)
+            self.sinks = metrics.open_sinks(peer, metrics_file, run_name=run.name, peer_id=self.peer_id,
+                                            config=dict(run.canonical(), fingerprint=self.fingerprint))
         except BaseException:
             swarm.stop_dht(self.dht)  # a refused or failed start leaves no DHT process or p2pd behind
             raise
@@ -136,6 +148,8 @@ class Peer:
         self.round: PendingRound | None = None
         self.round_runner = ThreadPoolExecutor(1, thread_name_prefix="round")  # one round at a time
         self.clock = dict(since=time.monotonic(), compute=0.0, eval=0.0)
+        self.activity: str | None = None  # what the loop waits on (console view): None = training, "round", "downloading state"
+        self.view = console.View(self, peer.console, peer.progress_every_s)  # live in a terminal, else log lines
 
     def _build(self, run, peer, cache: Path) -> None:
         from p2pdiloco import data, inner, model
@@ -164,6 +178,7 @@ class Peer:
             min_group_size=run.min_group_size,
             state_fn=self._serve_state,
             error_feedback=run.error_feedback,
+            client_mode=self.client_mode,
         )
         # Error feedback: what quantization dropped from our last contribution, sent with the next.
         self.residual = torch.zeros(self.outer.size) if run.error_feedback else None
@@ -192,10 +207,12 @@ class Peer:
         log.info("resumed from %s at epoch %d", checkpoint.checkpoint_path(directory), self.outer.epoch)
 
     def save_checkpoint(self, level: int = logging.DEBUG) -> None:
-        """Write the global state, inner optimizer and data position (atomically)."""
+        """Write the global state, inner optimizer and data position (atomically), with the run
+        config and tokenizer that ``p2pdiloco export`` needs to rebuild the model."""
         with self.state_lock:
             state = dict(fingerprint=self.fingerprint, **self.outer.checkpoint_fields())
-        state.update(inner=self.inner.state_dict(), data=self.stream.state_dict())
+        state.update(inner=self.inner.state_dict(), data=self.stream.state_dict(),
+                     config=self.run_cfg.canonical(), tokenizer=self.tokenizer_files)
         if self.residual is not None:
             state["residual"] = self.residual.clone()
         path = checkpoint.save(self.peer_cfg.checkpoint_dir, state)
@@ -216,6 +233,7 @@ class Peer:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> None:
+        self.view.start()
         self._start_heartbeat()
         if self.resumed_epoch is not None:
             self._record(dict(epoch=self.outer.epoch, event="resumed"))
@@ -289,8 +307,9 @@ class Peer:
 
     def _finish_round(self) -> None:
         """Wait for the pending round (idle only if training could not hide it) and act on it."""
-        pending, self.round = self.round, None
+        pending, self.activity = self.round, "round"
         result = pending.future.result()  # bounded: waiting for peers (grace_s or round_s), the round (round_s), DHT requests
+        self.round, self.activity = None, None
         if isinstance(result, RoundResult) or result == "alone":
             self._outer_step(result, pending)
             self._sync_with_swarm()  # another group at our epoch may have won (a fork): adopt its state
@@ -336,6 +355,7 @@ class Peer:
         if not ready:
             log.info("epoch %d: %d live peer(s), none ready to average yet; training on", self.outer.epoch, len(others))
             return None
+        pending.stage = "averaging"
         try:
             return self.averager.average(
                 delta,
@@ -546,6 +566,14 @@ class Peer:
         return min(hashes, key=lambda h: (-hashes[h], h))
 
     def _download_state(self, donors: list[str], min_epoch: int, reason: str) -> None:
+        """Catch up from one of ``donors`` (``reason`` goes into the record); the console shows it."""
+        self.activity = "downloading state"
+        try:
+            self._try_donors(donors, min_epoch, reason)
+        finally:
+            self.activity = None
+
+    def _try_donors(self, donors: list[str], min_epoch: int, reason: str) -> None:
         cfg = self.peer_cfg
         for attempt in range(cfg.state_download_attempts):
             try:
@@ -703,19 +731,18 @@ class Peer:
             if fields.get(key) is not None:
                 parts.append(fmt.format(fields[key]))
         log.info("%s | %s", " | ".join(parts), fields["state_hash"][:8])
-        if self.metrics_path:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(fields) + "\n")
+        self.sinks.write(fields)  # --metrics-file, TensorBoard, wandb
         self._publish(ready=False)
         swarm.publish_config(self.dht, self.run_cfg.name, self.fingerprint, self.run_cfg.canonical(), CONFIG_TTL_S)
 
     def export(self, out_dir: str) -> None:
-        """Save the global parameters as a Hugging Face model folder (``save_pretrained``) with its tokenizer."""
-        from p2pdiloco import data
+        """Save the global parameters as a Hugging Face model folder with its tokenizer, replacing an
+        earlier export there (atomically; see :func:`p2pdiloco.export.save_hf_folder`)."""
+        from p2pdiloco import data, export
 
         self._load_global_into_model()
-        self.model.save_pretrained(out_dir)
-        data.load_tokenizer(self.run_cfg.data, self.run_cfg.model.vocab_size, Path(self.peer_cfg.cache_dir).expanduser()).save_pretrained(out_dir)
+        tokenizer = data.load_tokenizer(self.run_cfg.data, self.run_cfg.model.vocab_size, Path(self.peer_cfg.cache_dir).expanduser())
+        export.save_hf_folder(self.model, tokenizer, Path(out_dir), force=True)
         log.info("exported the global model of epoch %d to %s", self.outer.epoch, out_dir)
 
     def _let_last_group_finish(self) -> None:
@@ -740,6 +767,7 @@ class Peer:
 
     def close(self) -> None:
         """Let the last group finish, announce leaving, stop the averager and the DHT (and p2pd)."""
+        self.view.stop()  # first, so that nothing below can leave the terminal without its cursor
         try:
             self._let_last_group_finish()
         except Exception as e:
@@ -756,6 +784,7 @@ class Peer:
             log.debug("could not announce leaving: %r", e)
         self.averager.shutdown()
         swarm.stop_dht(self.dht)
+        self.sinks.close()  # last: wandb may upload for a while, and the swarm must not wait for that
 
 
 def run_peer(recipe: Recipe, **kwargs) -> int:
@@ -767,7 +796,8 @@ def run_peer(recipe: Recipe, **kwargs) -> int:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        log.info("%s received: finishing the current round, then leaving", signal.Signals(signum).name)
+        again = " (Ctrl+C again to quit at once)" if os.environ.get(supervise.ENV) == "1" else ""
+        log.info("%s received: finishing the current round, then leaving%s", signal.Signals(signum).name, again)
         stop.set()
 
     # Before the start: a signal while the DHT is starting would otherwise kill this process and

@@ -262,8 +262,8 @@ def parse_speeds(text: str | None, num_peers: int) -> list[float] | None:
 
 def peer_args(i: int, config_file: str, epochs: int, out: Path, addrs: list[str], overrides: list[str],
               speed: float | None = None) -> list[str]:
-    """The ``p2pdiloco join`` command of simulated peer ``i``; peer 0 evaluates and exports the
-    global model, the others skip evaluation."""
+    """The ``p2pdiloco join`` command of simulated peer ``i``; peer 0 evaluates, exports the global
+    model (``out/model``) and leaves its checkpoint (``out/checkpoint``), the others skip evaluation."""
     args = [*_cli(), "join", config_file, "--max-epochs", str(epochs), "--metrics-file", str(out / f"peer{i}.jsonl")]
     for addr in addrs:
         args += ["--peers", addr]
@@ -272,7 +272,7 @@ def peer_args(i: int, config_file: str, epochs: int, out: Path, addrs: list[str]
     if speed is not None:
         args += ["--set", f"peer.emulate_speed={speed}"]
     if i == 0:
-        args += ["--export", str(out / "model")]
+        args += ["--export", str(out / "model"), "--checkpoint-dir", str(out / "checkpoint")]
     else:
         args += ["--set", "peer.eval_every=0"]
     return args
@@ -285,8 +285,9 @@ def run_simulation(config: str | None, *, overrides: list[str], num_peers: int, 
     recipe = load_recipe(config, overrides)  # fail fast on a bad config, before starting anything
     config_file = str(recipe_path(config))
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("peer*.jsonl"), *out.glob("*.log")]:
-        stale.unlink()
+    # An earlier run's checkpoint too: peer 0 would resume from it instead of starting this run fresh.
+    for stale in [*out.glob("peer*.jsonl"), *out.glob("*.log"), out / "checkpoint" / "checkpoint.pt"]:
+        stale.unlink(missing_ok=True)
     from p2pdiloco import data
 
     print(f"preparing data and tokenizer for '{recipe.run.name}' ...", flush=True)
@@ -328,5 +329,6 @@ def run_simulation(config: str | None, *, overrides: list[str], num_peers: int, 
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / "loss.png")
     print_table(summary)
-    print(f"wrote {out / 'summary.json'}, {out / 'loss.png'} and the peers' metrics and logs in {out}/")
+    print(f"wrote {out / 'summary.json'}, {out / 'loss.png'}, the final global model ({out / 'model'}/, its "
+          f"checkpoint in {out / 'checkpoint'}/) and the peers' metrics and logs in {out}/")
     return summary

@@ -37,18 +37,22 @@ def run_supervised(argv: list[str]) -> int:
         nonlocal presses
         presses += 1
         if presses == 1:
-            print("\nstopping: finishing the round, announcing the exit and saving (Ctrl+C again to quit at once)",
-                  file=sys.stderr, flush=True)
+            # The peer says it is stopping in its own log: a line printed from here would cut
+            # through the live view that the peer draws on the same terminal.
             child.send_signal(signal.SIGTERM)
         else:
-            print("\nquitting now: this epoch's work is lost", file=sys.stderr, flush=True)
             try:
                 os.killpg(child.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            # after the kill: the peer's live view can no longer redraw over this line
+            print("\nquitting now: this epoch's work is lost", file=sys.stderr, flush=True)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
     print(f"peer process {child.pid} (Ctrl+C: leave cleanly)", file=sys.stderr, flush=True)
     code = child.wait()  # resumed after each handled signal (PEP 475)
+    if sys.stderr.isatty():  # a peer killed by the second Ctrl+C had no chance to show the cursor its live view hid
+        sys.stderr.write("\x1b[?25h")
+        sys.stderr.flush()
     return code if code >= 0 else 128 - code

@@ -100,24 +100,26 @@ def start_dht(
     identity: str | None = None,
     client_mode: bool = False,
     timeout: float = 30.0,
+    nat: str | None = None,
 ):
     """Start a hivemind DHT (a child process plus the ``p2pd`` daemon) and wait until it is ready.
+
+    ``nat``: a resolved mode of :mod:`p2pdiloco.nat` (``local``, ``public``, ``client``, ``relay``;
+    resolve ``auto`` first with :func:`p2pdiloco.nat.resolve`). None keeps the callers that do not
+    choose on ``local`` (``public`` when ``public_host`` is given), so loopback runs and tests never
+    probe a gateway, a relay or AutoNAT. ``client_mode`` forces a client DHT (``status``).
 
     Raises :class:`SwarmError` with the cause and the fix when the port is taken, the identity
     is in use, or none of ``initial_peers`` can be reached within ``timeout`` seconds.
     """
     import hivemind
 
+    from p2pdiloco import nat as nat_modes
+
     initial_peers = validate_multiaddrs(initial_peers)
-    kwargs: dict[str, Any] = dict(
-        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-        client_mode=client_mode,
-        # Never probe a real gateway or relay from a peer that was not asked to (tests, loopback runs).
-        use_relay=False,
-        use_auto_relay=False,
-        nat_port_map=False,
-        auto_nat=False,
-    )
+    kwargs: dict[str, Any] = dict(host_maddrs=[f"/ip4/{host}/tcp/{port}"])
+    kwargs.update(nat_modes.dht_options(nat or ("public" if public_host else "local")))
+    kwargs["client_mode"] = kwargs["client_mode"] or client_mode
     if public_host:
         if not port:
             raise SwarmError("--public-host needs a fixed --port: others must know which port to dial")
@@ -130,6 +132,11 @@ def start_dht(
     except Exception as e:
         ensure_stopped(dht, timeout=0)  # a DHT that failed to start has nothing to shut down cleanly
         raise SwarmError(_explain_dht_failure(e, initial_peers, host, port, timeout)) from None
+    if not kwargs["client_mode"]:
+        try:  # so that volunteers can check that this node can dial them (see p2pdiloco.nat)
+            dht.run_coroutine(nat_modes.serve_dialback, return_future=True).result(timeout=timeout)
+        except Exception as e:
+            log.warning("could not serve the dial-back check: %r", e)
     return dht
 
 

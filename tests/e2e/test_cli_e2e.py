@@ -51,6 +51,15 @@ def test_simulate_writes_a_consistent_summary_plot_and_model(tmp_path, data_cach
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     assert model.num_parameters() > 0 and len(tokenizer("To be or not to be")["input_ids"]) > 0
+    # peer 0's checkpoint holds the same final global model as model/
+    import torch
+
+    from p2pdiloco.export import global_model, read_checkpoint
+    from p2pdiloco.outer import flatten_parameters
+
+    assert (out / "checkpoint" / "checkpoint.pt").is_file() and f"{out / 'checkpoint'}/" in r.stdout
+    final = read_checkpoint(out / "checkpoint")
+    assert final.epoch >= 1 and torch.equal(flatten_parameters(global_model(final)), flatten_parameters(model))
 
 
 def test_status_lists_the_peer_and_join_refuses_a_different_config(tmp_path, data_cache):
