@@ -479,7 +479,7 @@ def report(checks: list[Check], as_json: bool) -> None:
         table.add_column(col, overflow="fold")
     for c in checks:
         table.add_row(c.name, f"[{style[c.status]}]{c.status}[/]", c.detail, c.fix)
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=160)  # piped: one line per check where it fits
     console.print(table)
     failed = sum(c.status == FAIL for c in checks)
     warned = sum(c.status == WARN for c in checks)

@@ -311,6 +311,9 @@ def resolve(
     """
     if mode not in MODES:
         raise ValueError(f"unknown NAT mode '{mode}': use one of {', '.join(MODES)}")
+    if mode == "relay":
+        return Choice(mode, "chosen with --nat (peer.nat); relay mode is untested across real NATs: if rounds with this "
+                      "peer fail, join with --nat client", port, public_host)
     if mode != "auto":
         return Choice(mode, "chosen with --nat (peer.nat)", port, public_host)
     if is_loopback(host):

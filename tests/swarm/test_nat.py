@@ -27,14 +27,15 @@ def _peer_id(swarm: LocalSwarm, index: int) -> str:
 @pytest.fixture(scope="module")
 def client_run(tmp_path_factory, data_cache):
     """A normal peer and a client-mode peer train; a second normal peer joins once both reached
-    epoch 1 (it must download the state from the normal one); all stop (SIGTERM) once the three
+    epoch 1 (it must download the state from the normal one; it is also given the coordinator's
+    --addrs-file as --peers); all stop (SIGTERM) once the three
     averaged together ROUNDS_OF_THREE times."""
     swarm = LocalSwarm(tmp_path_factory.mktemp("nat-client"), data_cache)
     try:
         swarm.add_peer(1000)
         swarm.add_peer(1000, "--nat", "client")
         swarm.wait_until(lambda: swarm.epoch(0) >= 1 and swarm.epoch(1) >= 1, 240, "the normal and the client peer to reach epoch 1")
-        swarm.add_peer(1000)
+        swarm.add_peer(1000, "--peers", str(swarm.out / "coordinator.addrs"))  # also a file of multiaddrs
         swarm.wait_until(lambda: len(_outer_steps(swarm, 1, 3)) >= ROUNDS_OF_THREE, 240, "the client to average in groups of 3")
         codes = [peer.stop(grace=30) for peer in swarm.peers]
     finally:

@@ -111,3 +111,11 @@ def test_bundled_folder_ships_the_launch_recipes():
     assert {"coordinator.service", "volunteer.sh", "cloud-docker.sh"} <= {p.name for p in recipes.iterdir()}
     for script in ("volunteer.sh", "cloud-docker.sh"):
         subprocess.run(["bash", "-n", str(recipes / script)], check=True)  # valid shell syntax
+
+
+def test_join_without_config_takes_the_recipe_of_the_named_list(user_peers):
+    from p2pdiloco.cli import _resolve_peers
+
+    (user_peers / "myrun.toml").write_text(f'recipe = "test"\naddrs = ["{ADDR}"]\n')
+    assert _resolve_peers(["myrun"]) == ([ADDR], "test")
+    assert _resolve_peers(["myrun"], "tiny-cpu") == ([ADDR], "tiny-cpu")  # an explicit CONFIG wins
