@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import threading
-import time
 from pathlib import Path
 
 from p2pdiloco import swarm
@@ -36,8 +36,12 @@ def run_coordinator(
     ``dashboard``: (host, port, refresh_s) to serve the web dashboard (see dashboard.py).
     """
     stop = threading.Event()
+
+    def on_signal(*_) -> None:
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     dht = swarm.start_dht(
         host=host, port=port, public_host=public_host, identity=str(identity) if identity else None, timeout=timeout
     )
@@ -51,6 +55,7 @@ def run_coordinator(
             recipe, folder, every = backup
             keeper = StateBackup(dht, recipe, folder, every_epochs=every, every_s=recipe.peer.heartbeat_s)
             log.info("keeping a backup of run '%s' in %s (every %d epoch(s))", recipe.run.name, folder, every)
+            signal.signal(signal.SIGINT, on_signal)  # hivemind's averager has just set SIGINT to "ignore"
         if dashboard:
             from p2pdiloco import dashboard as board
 
@@ -109,7 +114,8 @@ def print_status(peers: list[str], *, run: str | None, as_json: bool, timeout: f
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # Not a terminal (a pipe, a file, watch): rich would assume 80 columns and cut the table.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     if not status:
         console.print("no run found in the DHT (no peer has published progress yet)")
     for name, s in status.items():

@@ -132,8 +132,16 @@ class SwarmWatch:
     def _fold(self, name: str, records: dict[str, swarm.Progress], now: float) -> None:
         summary = summarize_run(name, records, now)
         with self.lock:
-            run = self.runs.setdefault(name, dict(val={}, throughput=deque(maxlen=HISTORY), rounds={}))
+            run = self.runs.get(name)
+            if run is not None and summary["epoch"] is not None and summary["epoch"] < run["top"]:
+                # The swarm is back below an epoch it reached: the run was started again under the
+                # same name (its state did not survive). Its history must not be mixed with this one.
+                log.info("dashboard: run '%s' restarted at epoch %d (it had reached %d)", name, summary["epoch"], run["top"])
+                run = None
+            if run is None:
+                run = self.runs[name] = dict(val={}, throughput=deque(maxlen=HISTORY), rounds={}, top=0, since=now)
             run["now"] = summary
+            run["top"] = max(run["top"], summary["epoch"] or 0)
             run["throughput"].append((now, summary["tokens_per_s"], summary["peers_online"]))
             for r in records.values():
                 if r.val_loss is not None and r.val_epoch is not None and r.val_epoch not in run["val"]:
@@ -157,6 +165,7 @@ class SwarmWatch:
                                        group_size=max(g for _, _, g in by_peer.values()), reports=len(by_peer)))
                 runs.append(dict(
                     run["now"],
+                    history_since=run["since"],
                     val_curve=[dict(epoch=e, time=t, val_loss=v) for e, (t, v) in sorted(run["val"].items())],
                     throughput=[dict(time=t, tokens_per_s=x, peers=n) for t, x, n in run["throughput"]],
                     rounds=rounds,

@@ -217,7 +217,10 @@ def save_hf_folder(model, tokenizer, outdir: Path, *, force: bool = False) -> Pa
                                                    eos_token_id=eos, pad_token_id=pad)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
         for file in tmp.iterdir():  # durable before the rename makes them visible
+            file.chmod(0o666 & ~umask)  # safetensors writes its file 0600; the export is for sharing
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
         _move_into_place(tmp, outdir)

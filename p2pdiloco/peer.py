@@ -805,8 +805,13 @@ def run_peer(recipe: Recipe, **kwargs) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     peer = Peer(recipe, stop_requested=stop, **kwargs)
+    # Again: hivemind's averager sets SIGINT to "ignore" in this process when it starts, which
+    # would make a peer without a terminal (nohup, a service, kill -INT) deaf to SIGINT.
+    signal.signal(signal.SIGINT, request_stop)
     try:
         peer.run()
+        if peer.max_epochs is not None and not stop.is_set():
+            log.info("the run reached epoch %d (--max-epochs): leaving", peer.max_epochs)
         if peer.export_dir:
             peer.export(peer.export_dir)
     finally:

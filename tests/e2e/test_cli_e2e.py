@@ -110,3 +110,19 @@ def test_two_peers_train_through_a_plain_hivemind_dht(tmp_path, data_cache):
         for p in peers:
             p.stop()
         boot.stop()
+
+
+def test_sigint_without_a_terminal_makes_the_peer_leave_cleanly(tmp_path, data_cache):
+    """``kill -INT`` (nohup, a service manager): hivemind's averager sets SIGINT to "ignore" when it
+    starts, so the peer must take its handler back afterwards."""
+    import signal
+
+    peer = _join(tmp_path, 0, [], data_cache, "--max-epochs", "500")
+    try:
+        _wait_for(lambda: read_metrics(tmp_path / "peer0.jsonl"), 120, "the peer to start training")
+        peer.proc.send_signal(signal.SIGINT)
+        assert peer.proc.wait(90) == 0
+        assert "SIGINT received: finishing the current round, then leaving" in (tmp_path / "peer0.log").read_text()
+        assert max(r["epoch"] for r in read_metrics(tmp_path / "peer0.jsonl")) < 500
+    finally:
+        peer.stop()

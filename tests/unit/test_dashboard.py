@@ -75,3 +75,14 @@ def test_a_taken_port_is_a_one_line_error():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_run_started_again_under_its_name_gets_a_fresh_history():
+    watch = dashboard.SwarmWatch(dht=None, run="r")
+    watch._fold("r", {"a": _record("a", 5, val=4.0, val_epoch=5, rounds=[(5, 2, 0.5, 10)])}, now=1.0)
+    watch._fold("r", {"a": _record("a", 5, leaving=True)}, now=2.0)  # everyone left: the history stays
+    assert watch.snapshot()["runs"][0]["val_curve"]
+    watch._fold("r", {"b": _record("b", 1, val=7.0, val_epoch=1, rounds=[(1, 2, 0.5, 10)])}, now=3.0)
+    run = watch.snapshot()["runs"][0]
+    assert [p["val_loss"] for p in run["val_curve"]] == [7.0] and [r["epoch"] for r in run["rounds"]] == [1]
+    assert run["history_since"] == 3.0
