@@ -9,7 +9,7 @@ import functools
 
 import pytest
 
-from conftest import LocalSwarm
+from tests.swarm.conftest import LocalSwarm
 
 pytestmark = pytest.mark.swarm
 
