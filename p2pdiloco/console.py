@@ -87,7 +87,7 @@ def read_facts(peer: Any) -> Facts:
         eta = max(0, peer.budget - steps) / speed
     else:
         eta = None
-    stats = peer.round_stats or {}
+    last_round = peer.recent_rounds[-1] if peer.recent_rounds else None
     return Facts(
         run=peer.run_cfg.name,
         peer=peer.short_id,
@@ -99,7 +99,7 @@ def read_facts(peer: Any) -> Facts:
         train_loss=peer.last_loss,
         val_loss=peer.last_val,
         val_epoch=getattr(peer, "last_val_epoch", None),
-        group_size=stats.get("group_size"),
+        group_size=last_round.group_size if last_round else None,
         live_peers=len(getattr(peer, "known_others", {})),
         eta_s=eta,
         bytes_sent=getattr(peer, "bytes_sent_total", 0),

@@ -114,6 +114,8 @@ def print_status(peers: list[str], *, run: str | None, as_json: bool, timeout: f
     from rich.console import Console
     from rich.table import Table
 
+    from p2pdiloco.console import human_bytes
+
     # Not a terminal (a pipe, a file, watch): rich would assume 80 columns and cut the table.
     console = Console() if sys.stdout.isatty() else Console(width=200)
     if not status:
@@ -126,7 +128,7 @@ def print_status(peers: list[str], *, run: str | None, as_json: bool, timeout: f
             facts.append(f"val loss {s['val_loss']:.3f} at epoch {s['val_epoch']}")
         if last:
             facts.append(f"last round: epoch {last['epoch']}, {last['group_size']} peers, {last['allreduce_s']:.2f} s, "
-                         f"{_human(last['bytes_sent'])} sent")
+                         f"{human_bytes(last['bytes_sent'])} sent")
         table = Table(title=f"run {name}: " + "; ".join(facts))
         for col in ("peer", "state", "epoch", "tokens/s", "train loss", "val loss", "group", "all-reduce s", "sent", "digest", "seen"):
             table.add_column(col, justify="left" if col in ("peer", "state", "digest") else "right")
@@ -140,16 +142,9 @@ def print_status(peers: list[str], *, run: str | None, as_json: bool, timeout: f
                 "-" if r["val_loss"] is None else f"{r['val_loss']:.3f}",
                 str(r["group_size"] or "-"),
                 "-" if r["allreduce_s"] is None else f"{r['allreduce_s']:.2f}",
-                _human(r["bytes_sent_total"]),
+                human_bytes(r["bytes_sent_total"]),
                 r["state_hash"][:8],
                 f"{r['last_seen_s']:.0f}s ago",
             )
         console.print(table)
 
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

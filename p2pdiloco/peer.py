@@ -219,15 +219,6 @@ class Peer:
         log.log(level, "checkpoint of epoch %d saved to %s", state["epoch"], path)
 
     @property
-    def round_stats(self) -> dict:
-        """The last round's figures (empty before the first): for the console view."""
-        if not self.recent_rounds:
-            return {}
-        last = self.recent_rounds[-1]
-        return dict(round_epoch=last.epoch, group_size=last.group_size, allreduce_s=last.allreduce_s,
-                    round_bytes=last.bytes_sent, bytes_sent_total=self.bytes_sent_total)
-
-    @property
     def short_id(self) -> str:
         return self.peer_id[-6:]
 

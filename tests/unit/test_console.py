@@ -12,6 +12,7 @@ import pytest
 from rich.console import Console
 
 from p2pdiloco import console
+from p2pdiloco.swarm import RoundStat
 
 
 def fake_peer(**overrides) -> SimpleNamespace:
@@ -31,7 +32,7 @@ def fake_peer(**overrides) -> SimpleNamespace:
         last_loss=3.21456,
         last_val=3.5,
         last_val_epoch=6,
-        round_stats=dict(round_epoch=7, group_size=3, allreduce_s=0.4, round_bytes=1000, bytes_sent_total=2_500_000),
+        recent_rounds=[RoundStat(epoch=7, group_size=3, allreduce_s=0.4, bytes_sent=1000)],
         bytes_sent_total=2_500_000,
         known_others={"p1": None, "p2": None, "p3": None},
     )
@@ -64,7 +65,7 @@ def test_live_view_text():
 
 def test_live_view_before_anything_is_measured():
     peer = fake_peer(speedometer=SimpleNamespace(steps_per_s=0.0), tokens_per_s=0.0, last_loss=None, last_val=None,
-                     last_val_epoch=None, round_stats={}, bytes_sent_total=0, known_others={}, work=SimpleNamespace(steps=0))
+                     last_val_epoch=None, recent_rounds=[], bytes_sent_total=0, known_others={}, work=SimpleNamespace(steps=0))
     facts = console.read_facts(peer)
     assert (facts.eta_s, facts.group_size, facts.train_loss) == (None, None, None)
     text = rendered(facts, width=80)
