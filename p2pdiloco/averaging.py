@@ -31,13 +31,14 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from typing import Any, AsyncIterator, Callable, Sequence
 
 import torch
 from hivemind import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
-from hivemind.averaging.partition import AllreduceException, BannedException
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression, deserialize_torch_tensor
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
@@ -45,9 +46,9 @@ from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 from hivemind.utils.streaming import combine_from_streaming
 
-from p2pdiloco import faults
+from p2pdiloco import faults, robust
 from p2pdiloco.codecs import Codec, make_codec
-from p2pdiloco.config import AveragingConfig
+from p2pdiloco.config import AggregationConfig, AveragingConfig
 from p2pdiloco.errors import AveragingFailed, StateDownloadFailed
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class _SenderCodec(CompressionBase):
             dropped = tensor.reshape(-1) - self.codec.decode(serialized.buffer, tensor.numel())
             self.residual[offset : offset + tensor.numel()] = dropped
             self.codec.encode_s += time.perf_counter() - started
+        if faults.reached("part") == "truncate":  # tests: a well-formed part of the wrong shape
+            serialized = self.codec.compress(tensor.reshape(-1)[:-1], info)
         return serialized
 
     def extract(self, serialized):
@@ -80,6 +83,68 @@ class _SenderCodec(CompressionBase):
 
     def estimate_compression_ratio(self, info):
         return self.codec.estimate_compression_ratio(info)
+
+
+class RobustPartReducer(TensorPartReducer):
+    """hivemind's part reducer with :func:`p2pdiloco.robust.aggregate` in place of its running mean.
+
+    hivemind sums each part as it arrives; a robust rule needs all members' values at once, so
+    the parts are kept until the last member's arrives, then aggregated. ``flagged`` collects the
+    sender indices the rule flagged on any part.
+    """
+
+    def __init__(self, part_shapes, num_senders: int, aggregation: AggregationConfig):
+        self.aggregation = aggregation
+        self.flagged: set[int] = set()
+        self._parts: dict[int, dict[int, tuple[torch.Tensor, float]]] = {}  # part index -> sender -> (part, weight)
+        super().__init__(part_shapes, num_senders)
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0):
+        if 0 <= part_index < self.num_parts:
+            self._parts.setdefault(part_index, {})[sender_index] = (tensor_part, weight)
+        return await super().accumulate_part(sender_index, part_index, tensor_part, weight=weight)
+
+    def check_current_part_finished(self):
+        if self.current_part_accumulated_from == self.num_current_senders:
+            collected = self._parts.pop(self.current_part_index, {})
+            senders = sorted(s for s in collected if self.current_part_index < self.sender_failed_after[s])
+            if senders:
+                a = self.aggregation
+                result, flagged = robust.aggregate(
+                    [collected[s][0] for s in senders], [collected[s][1] for s in senders], a.method,
+                    clip_ratio=a.clip_ratio, trim=a.trim, clip_iters=a.clip_iters, max_weight_ratio=a.max_weight_ratio,
+                )
+                self.flagged.update(senders[i] for i in flagged)
+                self.accumulator.copy_(result)  # the parent divides by the denominator: make it 1
+                self.denominator = 1.0
+        super().check_current_part_finished()
+
+
+def parse_reducer_note(field: bytes, members: Sequence[PeerID], me: PeerID) -> tuple[list[PeerID], list[PeerID]]:
+    """The note a reducer sends with each average: ``EXCLUDED|FLAGGED``, comma-separated base58 ids
+    of the members it left out (non-finite values) and those its robust rule flagged.
+
+    It comes from another peer: only ids of this group's members other than ``me`` count, and a
+    malformed note counts as empty (it can never fail the round or name outsiders).
+    """
+    def ids(text: str) -> list[PeerID]:
+        found = []
+        for item in text.split(",")[: len(members)]:
+            try:
+                peer = PeerID.from_base58(item) if item else None
+            except Exception:
+                return []
+            if peer is not None and peer in members and peer != me and peer not in found:
+                found.append(peer)
+        return found
+
+    if not isinstance(field, bytes) or len(field) > 64 * (2 * len(members) + 1):
+        return [], []
+    try:
+        excluded, _, flagged = field.decode("ascii").partition("|")
+    except UnicodeDecodeError:
+        return [], []
+    return ids(excluded), ids(flagged)
 
 
 class ConsistentAllReduceRunner(AllReduceRunner):
@@ -91,10 +156,15 @@ class ConsistentAllReduceRunner(AllReduceRunner):
     validates tag, shape and length before decoding.
     """
 
-    def __init__(self, *, traffic: torch.Tensor, offender: Callable[[PeerID, str], None], **kwargs):
+    def __init__(self, *, traffic: torch.Tensor, offender: Callable[[PeerID, str], None], aggregation: AggregationConfig, **kwargs):
         super().__init__(**kwargs)
         self.traffic, self.offender = traffic, offender
         self.excluded: set[PeerID] = set()  # senders this reducer left out for non-finite values
+        self.flagged_by_others: set[PeerID] = set()  # members other reducers' robust rules flagged
+        if aggregation.method != "mean":  # no part has arrived yet: the reducer can still be swapped
+            stock = self.tensor_part_reducer
+            stock.finished.set()  # never used: keeps its finalizer from warning about missing parts
+            self.tensor_part_reducer = RobustPartReducer(stock.part_shapes, stock.num_senders, aggregation)
         self._fault_point_passed = False
         container = self.tensor_part_container
         container.return_deltas = False  # outputs are averages, and a failed slice keeps local values...
@@ -102,6 +172,12 @@ class ConsistentAllReduceRunner(AllReduceRunner):
         me = self.ordered_peer_ids.index(self.peer_id)
         self._part_infos = [info for _, info in container._input_parts_by_peer[me]]
         self._serialized_averages: dict[int, Any] = {}
+
+    def flagged(self) -> set[PeerID]:
+        """Members a robust rule flagged in this round: by our reducer, or by others (their notes)."""
+        reducer = self.tensor_part_reducer
+        ours = {self.sender_peer_ids[i] for i in getattr(reducer, "flagged", ())}
+        return (ours | self.flagged_by_others) - {self.peer_id}
 
     def failed_values(self) -> int:
         return self.tensor_part_container.failed_size  # ...which is why any failure fails the round
@@ -142,13 +218,16 @@ class ConsistentAllReduceRunner(AllReduceRunner):
                 decode, aiter_with_timeout(stream, self.reducer_timeout), max_prefetch=self.tensor_part_container.prefetch
             ):
                 if part_index >= expected or averaged.shape != self._expected_shape(peer_index, part_index):
+                    self.offender(peer_id, "sent an average of the wrong size")
                     raise AllreduceException(f"{peer_id} sent a part of the wrong size")
                 if not torch.isfinite(averaged).all():
                     self.offender(peer_id, "sent a non-finite average")
                     raise AllreduceException(f"{peer_id} sent a non-finite average")
                 self.traffic[RECEIVED] += size
-                for offender in self._excluded_by_reducer(excluded):
+                left_out, flagged = parse_reducer_note(excluded, self.sender_peer_ids, self.peer_id)
+                for offender in left_out:
                     self.offender(offender, f"was left out by {peer_id} for sending non-finite values")
+                self.flagged_by_others.update(flagged)
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
                 part_index += 1
             if part_index != expected:
@@ -158,14 +237,6 @@ class ConsistentAllReduceRunner(AllReduceRunner):
                 log.debug("all-reduce with %s failed: %r", peer_id, e)
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
-
-    def _excluded_by_reducer(self, field: bytes) -> list[PeerID]:
-        """Members a reducer reported as left out of its average (a malformed list is ignored)."""
-        try:
-            found = [PeerID.from_base58(p) for p in field.decode().split(",") if p]
-        except Exception:
-            return []
-        return [p for p in found if p in self.sender_peer_ids and p != self.peer_id]
 
     def _expected_shape(self, peer_index: int, part_index: int) -> torch.Size:
         return self.tensor_part_container._input_parts_by_peer[peer_index][part_index][0].shape
@@ -190,8 +261,10 @@ class ConsistentAllReduceRunner(AllReduceRunner):
             async for part, weight, size in amap_in_executor(decode, stream, max_prefetch=self.tensor_part_container.prefetch):
                 self.traffic[RECEIVED] += size
                 if part_index >= len(expected_shapes) or part.shape != expected_shapes[part_index]:
+                    self.excluded.add(self.sender_peer_ids[sender_index])
+                    self.offender(self.sender_peer_ids[sender_index], "sent a part of the wrong size")
                     raise AllreduceException(f"sender {sender_index} sent a part of the wrong size")
-                if not (weight > 0 and torch.isfinite(part).all()):
+                if not (math.isfinite(weight) and weight > 0 and torch.isfinite(part).all()):
                     self.excluded.add(self.sender_peer_ids[sender_index])
                     self.offender(self.sender_peer_ids[sender_index], "sent a non-finite pseudo-gradient or weight")
                     raise AllreduceException(f"sender {sender_index} sent a non-finite part or weight")
@@ -200,16 +273,21 @@ class ConsistentAllReduceRunner(AllReduceRunner):
                 except BannedException:
                     break
                 serialized = await loop.run_in_executor(None, self._serialize_average, part_index, averaged)
-                # The otherwise unused peer_id field tells every member whom this average left out,
-                # so all of them exclude the offender from later groups, not only this reducer.
-                excluded = ",".join(sorted(p.to_base58() for p in self.excluded)).encode()
-                reply = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized, peer_id=excluded)
+                reply = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized, peer_id=self._note())
                 self.traffic[SENT] += reply.ByteSize()
                 part_index += 1
                 yield reply
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+    def _note(self) -> bytes:
+        """The otherwise unused peer_id field of each reply tells every member whom this reducer
+        left out (so all of them exclude the offender from later groups, not only this reducer)
+        and whom its robust rule flagged so far (for the members' ban decisions)."""
+        flagged = {self.sender_peer_ids[i] for i in getattr(self.tensor_part_reducer, "flagged", ())}
+        return "|".join(",".join(sorted(p.to_base58() for p in group)) for group in (self.excluded, flagged)).encode()
 
 
 def group_bits(epoch: int, state_hash: str) -> str:
@@ -231,13 +309,14 @@ class RoundResult:
     encode_s: float  # time spent encoding (our parts, the averages we reduced) and decoding
     decode_s: float
     residual: torch.Tensor | None = None  # error feedback: what quantizing our parts dropped
+    flagged: list[str] = dataclasses.field(default_factory=list)  # members a reducer's robust rule flagged
 
 
 class _Averager(DecentralizedAverager):
     """hivemind's averager with the consistent runner, shared counters, an error-feedback buffer
     and pluggable state."""
 
-    def __init__(self, tensors, *args, codec: Codec, error_feedback: bool,
+    def __init__(self, tensors, *args, codec: Codec, error_feedback: bool, aggregation: AggregationConfig,
                  state_fn: Callable[[], tuple[dict, Sequence[torch.Tensor]]], **kwargs):
         self.traffic = torch.zeros(4, dtype=torch.float64).share_memory_()
         size = sum(t.numel() for t in tensors)
@@ -245,6 +324,8 @@ class _Averager(DecentralizedAverager):
         self._codec = codec
         self._state_fn = state_fn
         self._banned: set[PeerID] = set()  # lives in the averager process, where rounds run
+        self._aggregation = aggregation
+        self._last_flagged: list[str] = []  # members flagged in the last round, for the host to take
         super().__init__(tensors, *args, compression=codec, **kwargs)
 
     def _ban(self, peer_id: PeerID, reason: str) -> None:
@@ -282,6 +363,7 @@ class _Averager(DecentralizedAverager):
         runner = ConsistentAllReduceRunner(
             traffic=self.traffic,
             offender=self._ban,
+            aggregation=self._aggregation,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -299,12 +381,17 @@ class _Averager(DecentralizedAverager):
             self.traffic[ENCODE_S], self.traffic[DECODE_S] = self._codec.encode_s, self._codec.decode_s
         if runner.failed_values():
             raise AllreduceException(f"partial all-reduce: {runner.failed_values()} values missing, round discarded")
+        self._last_flagged = sorted(p.to_base58() for p in runner.flagged())
         for tensor, averaged in zip(tensors, results):
             tensor.copy_(averaged)
 
     async def _ban_by_host(self, peer: str, reason: str, future) -> None:
         self._ban(PeerID.from_base58(peer), reason)
         future.set_result(None)
+
+    async def _take_flagged(self, future) -> None:
+        flagged, self._last_flagged = self._last_flagged, []
+        future.set_result(flagged)
 
     async def _list_banned(self, future) -> None:
         future.set_result(sorted(p.to_base58() for p in self._banned))
@@ -363,6 +450,7 @@ class PseudoGradientAverager:
     :param state_fn: returns ``(metadata, [tensors])`` of the current outer state; called from a
         background thread when a newcomer downloads the state, so it must take the state lock
     :param error_feedback: return, with each round, what quantizing our parts dropped
+    :param aggregation: how the slices this peer reduces are combined (:mod:`p2pdiloco.robust`)
     """
 
     def __init__(
@@ -378,6 +466,7 @@ class PseudoGradientAverager:
         state_fn: Callable[[], tuple[dict, Sequence[torch.Tensor]]],
         error_feedback: bool = False,
         client_mode: bool = False,
+        aggregation: AggregationConfig | None = None,
     ):
         self.cfg = cfg
         self.target_group_size = target_group_size
@@ -390,6 +479,7 @@ class PseudoGradientAverager:
             state_fn=state_fn,
             codec=make_codec(compression),
             error_feedback=error_feedback,
+            aggregation=aggregation or AggregationConfig(),
             target_group_size=target_group_size,
             min_group_size=min_group_size,
             min_matchmaking_time=cfg.matchmaking_s,
@@ -472,8 +562,15 @@ class PseudoGradientAverager:
         cfg = self.cfg
         with self._averager.get_tensors() as (buffer,):
             buffer.copy_(pseudo_gradient)
-            if faults.reached("send") == "nan":
+            fault = faults.reached("send")
+            if fault == "nan":
                 buffer.fill_(float("nan"))
+            elif fault == "inf":
+                buffer[0] = float("inf")
+            elif fault == "scale":
+                buffer.mul_(1000.0)
+            elif fault == "random":
+                buffer.copy_(torch.randn(buffer.shape) * (100 * buffer.norm() / buffer.numel() ** 0.5))
         if not self._averager.is_alive():
             raise AveragingFailed("the averager process is not running")
         try:  # hivemind's own setters wait without a bound: go through _call
@@ -508,6 +605,11 @@ class PseudoGradientAverager:
         traffic, self._counted = now - self._counted, now
         with self._averager.get_tensors() as (buffer,):
             average = buffer.clone()
+        try:
+            flagged = self._call("_take_flagged")
+        except Exception as e:  # only the ban decisions miss this round's flags
+            log.debug("could not read the flagged members: %r", e)
+            flagged = []
         if not torch.isfinite(average).all():  # e.g. our own slice, if we were the one sending NaN
             raise AveragingFailed(f"round of epoch {epoch} produced non-finite values; round discarded")
         return RoundResult(
@@ -520,6 +622,7 @@ class PseudoGradientAverager:
             encode_s=float(traffic[ENCODE_S]),
             decode_s=float(traffic[DECODE_S]),
             residual=None if self._averager.residual is None else self._averager.residual.clone(),
+            flagged=flagged,
         )
 
     def _call(self, method: str, timeout: float | None = None, **kwargs):

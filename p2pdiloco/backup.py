@@ -46,7 +46,7 @@ class StateBackup:
         self.averager = PseudoGradientAverager(
             dht, self.outer.size, prefix=f"{self.run.name}_{self.fingerprint}", cfg=self.run.averaging,
             compression=self.run.compression, target_group_size=self.run.target_group_size,
-            min_group_size=self.run.min_group_size, state_fn=self._serve,
+            min_group_size=self.run.min_group_size, state_fn=self._serve, aggregation=self.run.aggregation,
         )
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="backup", daemon=True)

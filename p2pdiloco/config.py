@@ -125,6 +125,27 @@ class AveragingConfig(_Strict):
         return self
 
 
+class AggregationConfig(_Strict):
+    """How each reducer combines the group's parts; robust methods bound what hostile members can do (see docs/security.md)."""
+
+    method: Literal["mean", "norm_bound", "trimmed_mean", "centered_clip"] = Field(
+        "mean", description="mean (trusting: closed runs), norm_bound (parts clipped to clip_ratio x the group's median "
+        "norm), trimmed_mean (coordinate-wise, drops the trim share at each end), centered_clip (Karimireddy et al.)",
+    )
+    clip_ratio: float = Field(
+        2.0, ge=1, description="norm_bound: longest part as a multiple of the median norm; centered_clip: tau as a multiple "
+        "of the median distance to the coordinate-wise median; all: how far from the result a member is flagged",
+    )
+    trim: float = Field(0.25, ge=0, lt=0.5, description="trimmed_mean: share of values dropped at each end (at least 1 in groups of 3+)")
+    clip_iters: int = Field(3, ge=1, le=50, description="centered_clip: iterations")
+    max_weight_ratio: float = Field(
+        2.0, ge=1, description="robust methods: a member's weight (tokens) counts at most this times the group's median weight"
+    )
+    ban_after: int = Field(
+        3, ge=0, description="robust methods: ban a peer for the run once reducers flagged it in this many consecutive rounds; 0 = report only"
+    )
+
+
 class RunConfig(_Strict):
     """Everything the swarm must agree on. Fingerprinted and checked on join."""
 
@@ -158,6 +179,11 @@ class RunConfig(_Strict):
     )
     target_group_size: int = Field(4, ge=1, description="largest all-reduce group; more peers form several groups")
     min_group_size: int = Field(2, ge=1, description="smallest group a round may run with")
+    closed: bool = Field(
+        False, description="a closed run: only peers holding the run secret (--secret-file or P2PDILOCO_RUN_SECRET) may "
+        "join its groups, serve or fetch its state, or write its DHT records (see docs/security.md)",
+    )
+    aggregation: AggregationConfig = AggregationConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     inner: InnerConfig = InnerConfig()
@@ -338,7 +364,7 @@ def reference_markdown() -> str:
     lines += ["`[run]` must be identical on every peer of a run (it is fingerprinted); `[peer]` is each volunteer's own.", ""]
     sections = [
         ("run", RunConfig), ("run.model", ModelConfig), ("run.data", DataConfig), ("run.inner", InnerConfig),
-        ("run.averaging", AveragingConfig), ("peer", PeerConfig),
+        ("run.averaging", AveragingConfig), ("run.aggregation", AggregationConfig), ("peer", PeerConfig),
     ]
     for name, model in sections:
         lines += [f"## `[{name}]`", "", (model.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "), ""]

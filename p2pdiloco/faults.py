@@ -3,16 +3,23 @@
 A fault that must land *during* matchmaking or *during* the all-reduce cannot be aimed from
 outside the process: a round of the test recipe lasts a fraction of a second. The test suite
 starts a peer with ``P2PDILOCO_FAULT=POINT:ACTION@N`` and the peer hurts itself the N-th time it
-reaches POINT (counted per process):
+reaches POINT (counted per process), or every time from the N-th on with ``@N+`` (a peer that is
+hostile for good):
 
 - points: ``matchmaking`` (the host process has asked its averager to find a group),
   ``allreduce`` (the averager process has sent its first part to a group member),
   ``send`` (the host process is handing its pseudo-gradient to the averager),
+  ``part`` (the averager process is encoding one of its parts for a reducer),
   ``inner`` (an inner training step is about to run);
 - actions: ``kill`` (SIGKILL of the peer's whole process group: Python, DHT, averager, p2pd),
   ``stop`` (SIGSTOP of the group: a frozen laptop; the test resumes it with SIGCONT),
   ``nan`` (only at ``send``: the pseudo-gradient goes on the wire as NaN, bypassing the peer's own
-  finiteness check, as a buggy or hostile peer would send it), ``oom`` (only at ``inner``: the
+  finiteness check, as a buggy or hostile peer would send it), ``scale`` and ``random`` (only at
+  ``send``: the pseudo-gradient goes out multiplied by 1000, or replaced by Gaussian noise 100
+  times its norm: the scaled and garbage contributions robust aggregation must bound), ``inf``
+  (only at ``send``: one value is +inf), ``truncate`` (only at ``part``: the part goes out one
+  value short, a well-formed message of the wrong shape),
+  ``oom`` (only at ``inner``: the
   step fails as if the accelerator ran out of memory).
 
 Unset (always, outside the tests) it costs one dictionary lookup per point.
@@ -26,36 +33,40 @@ import signal
 from collections import Counter
 
 ENV = "P2PDILOCO_FAULT"
-POINTS = ("matchmaking", "allreduce", "send", "inner")
-ACTIONS = ("kill", "stop", "nan", "oom")
-_ONLY_AT = {"nan": "send", "oom": "inner"}
+POINTS = ("matchmaking", "allreduce", "send", "part", "inner")
+ACTIONS = ("kill", "stop", "nan", "inf", "scale", "random", "truncate", "oom")
+_ONLY_AT = {"nan": "send", "inf": "send", "scale": "send", "random": "send", "truncate": "part", "oom": "inner"}
 
 log = logging.getLogger(__name__)
 _reached: Counter = Counter()
 
 
-def _parse(spec: str) -> tuple[str, str, int]:
+def _parse(spec: str) -> tuple[str, str, int, bool]:
     try:
         where, count = spec.rsplit("@", 1)
         point, action = where.split(":")
-        count = int(count)
+        onwards = count.endswith("+")
+        count = int(count.removesuffix("+"))
     except ValueError:
-        raise ValueError(f"{ENV}={spec!r}: expected POINT:ACTION@N, e.g. allreduce:kill@3") from None
+        raise ValueError(f"{ENV}={spec!r}: expected POINT:ACTION@N or @N+, e.g. allreduce:kill@3") from None
     if point not in POINTS or action not in ACTIONS or count < 1 or _ONLY_AT.get(action, point) != point:
-        raise ValueError(f"{ENV}={spec!r}: points {POINTS}, actions {ACTIONS} ('nan' only at 'send', 'oom' only at 'inner'), N >= 1")
-    return point, action, count
+        raise ValueError(
+            f"{ENV}={spec!r}: points {POINTS}, actions {ACTIONS} ('nan', 'inf', 'scale', 'random' only at "
+            "'send', 'truncate' only at 'part', 'oom' only at 'inner'), N >= 1"
+        )
+    return point, action, count, onwards
 
 
 def reached(point: str) -> str | None:
-    """Count a visit to ``point``; act (kill/stop) or return the action ("nan", "oom") if the fault is due."""
+    """Count a visit to ``point``; act (kill/stop) or return the action ("nan", "scale", ...) if the fault is due."""
     spec = os.environ.get(ENV)
     if not spec:
         return None
-    target, action, count = _parse(spec)
+    target, action, count, onwards = _parse(spec)
     if target != point:
         return None
     _reached[point] += 1
-    if _reached[point] != count:
+    if _reached[point] < count or (_reached[point] > count and not onwards):
         return None
     log.warning("fault injection: %s at %s #%d", action, point, count)
     if action == "kill":

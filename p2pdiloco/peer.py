@@ -135,6 +135,7 @@ class Peer:
         self.recent_rounds: list[swarm.RoundStat] = []  # published in our record, for dashboards
         self.bytes_sent_total = 0
         self.banned: set[str] = set()  # peers caught sending non-finite values or invalid states
+        self.flag_streak: dict[str, int] = {}  # consecutive rounds a robust rule flagged each peer
         self.seen: set[str] = set()  # every other peer seen live in this run...
         self.departed: set[str] = set()  # ...and those that announced leaving
         self.cut_off_since: float | None = None
@@ -179,6 +180,7 @@ class Peer:
             state_fn=self._serve_state,
             error_feedback=run.error_feedback,
             client_mode=self.client_mode,
+            aggregation=run.aggregation,
         )
         # Error feedback: what quantization dropped from our last contribution, sent with the next.
         self.residual = torch.zeros(self.outer.size) if run.error_feedback else None
@@ -388,6 +390,7 @@ class Peer:
         self._adopt_global(pending.base)  # keeps the steps trained while the round ran
         done, self.work, self.attempt_from = pending.sent, self.work.since(pending.sent, self.outer.epoch), 0
         if group:
+            self._judge_flags(group)
             self.last_round = (self.outer.epoch, group.group, time.monotonic())
             self.bytes_sent_total += group.bytes_sent
             stat = swarm.RoundStat(epoch=self.outer.epoch, group_size=len(group.group), allreduce_s=group.seconds,
@@ -413,12 +416,29 @@ class Peer:
                 bytes_received=group.bytes_received if group else 0,
                 encode_s=group.encode_s if group else 0.0,
                 decode_s=group.decode_s if group else 0.0,
+                flagged=group.flagged if group else [],
                 val_loss=val_loss,
                 **self._clock_fields(),
             )
         )
         if self.peer_cfg.checkpoint_dir and self.outer.epoch % self.peer_cfg.checkpoint_every == 0:
             self.save_checkpoint()
+
+    def _judge_flags(self, result: RoundResult) -> None:
+        """Ban, for the run, a member the reducers' robust rule flagged in ``ban_after``
+        consecutive rounds with us (one flag can be an honest outlier; a streak is a pattern)."""
+        limit = self.run_cfg.aggregation.ban_after
+        for peer in result.group:
+            self.flag_streak[peer] = self.flag_streak.get(peer, 0) + 1 if peer in result.flagged else 0
+            if limit and self.flag_streak[peer] >= limit and peer not in self.banned:
+                reason = f"was flagged by the robust aggregation in {self.flag_streak[peer]} consecutive rounds"
+                self.banned.add(peer)
+                try:
+                    self.averager.ban(peer, reason)
+                except Exception as e:  # the host-side ban still keeps it out of our readiness counts
+                    log.warning("peer %s %s; could not tell the averager: %r", peer, reason, e)
+        if result.flagged:
+            log.info("robust aggregation flagged %s in this round", ", ".join(p[-6:] for p in result.flagged))
 
     def _clock_fields(self) -> dict:
         """Where this peer's time went since the last record: ``compute_s`` (inner steps, emulated
@@ -577,13 +597,12 @@ class Peer:
                 donors = [d for d in donors if d != donor] or donors
                 continue
             try:
-                if not isinstance(meta, dict) or meta.get("fingerprint") != self.fingerprint:
-                    raise StateDownloadFailed("a state of another run config")
-                if not isinstance(meta.get("epoch"), int):
-                    raise StateDownloadFailed("a malformed state")
+                # Every check of the header and tensors (outer.validate_state), digest included, before
+                # the lock: a donor's state is adopted whole and verified or not at all.
+                header = self.outer.validate(meta, tensors, fingerprint=self.fingerprint)
                 previous = self.outer.params.clone()  # the base our unsent work was trained from
                 with self.state_lock:
-                    self.outer.load(meta["epoch"], tensors, expected_hash=meta.get("state_hash"), pending=meta.get("pending", 0))
+                    self.outer.adopt(header, tensors)
             except StateDownloadFailed as e:
                 # Not a network hiccup: the donor holds or sends a broken state. Ignore it from now
                 # on, or this peer would keep trying it instead of training.
@@ -599,7 +618,7 @@ class Peer:
             else:
                 self.averager.set_state_priority(self.outer.epoch)
                 self._adopt_global(previous)  # our work so far goes, stale, into our next round
-                self._record(dict(epoch=self.outer.epoch, event="downloaded", reason=reason, state_hash=meta["state_hash"],
+                self._record(dict(epoch=self.outer.epoch, event="downloaded", reason=reason, state_hash=header.state_hash,
                                   donor=donor, val_loss=self._maybe_eval()))
                 log.info("now at epoch %d (state from %s)", self.outer.epoch, donor[-6:])
                 return

@@ -7,6 +7,9 @@ stops every group and checks that nothing of it is left running.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -134,3 +137,36 @@ def local_swarm(tmp_path, data_cache):
     yield make
     for swarm in swarms:
         swarm.stop()
+
+
+AVERAGING_WORKER = Path(__file__).with_name("averaging_worker.py")
+
+
+def run_averaging_workers(tmp_path, count: int, compression: str = "none", env: dict | None = None,
+                          hostile: dict[int, str] | None = None) -> list[dict]:
+    """Run ``count`` averaging_worker.py processes as one group (rank -> P2PDILOCO_FAULT in
+    ``hostile``; ``env`` shapes the group, see the worker), wait for all, load their records."""
+    outs = [tmp_path / f"avg{i}.pt" for i in range(count)]
+    base = dict(os.environ, AVG_WORKERS=str(count), **(env or {}))
+    base.pop("P2PDILOCO_FAULT", None)
+
+    def start(i, *peers, **kw):
+        fault = {"P2PDILOCO_FAULT": hostile[i]} if hostile and i in hostile else {}
+        return subprocess.Popen([sys.executable, str(AVERAGING_WORKER), str(outs[i]), str(i), compression, *peers],
+                                env=dict(base, **fault), start_new_session=True, **kw)
+
+    procs = [start(0, stdout=subprocess.PIPE, text=True)]
+    try:
+        addr = procs[0].stdout.readline().strip()
+        assert addr.startswith("/ip4/"), "the first worker did not start"
+        procs += [start(i, addr) for i in range(1, count)]
+        for p in procs:
+            assert p.wait(timeout=240) == 0
+    finally:
+        for p in procs:  # by process group: the worker's DHT, averager and p2pd go with it
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    import torch
+
+    return [torch.load(out) for out in outs]

@@ -1,38 +1,14 @@
 """The consistent all-reduce between three real peers (separate processes, real DHTs and averagers)."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.swarm.conftest import run_averaging_workers
+
 pytestmark = pytest.mark.swarm
 
-WORKER = Path(__file__).with_name("averaging_worker.py")
-
-
 def _run_group(tmp_path, compression):
-    outs = [tmp_path / f"avg{i}.pt" for i in range(3)]
-    first = subprocess.Popen(
-        [sys.executable, str(WORKER), str(outs[0]), "0", compression], stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
-    procs = [first]
-    try:
-        addr = first.stdout.readline().strip()
-        assert addr.startswith("/ip4/"), "the first worker did not start"
-        for i in (1, 2):
-            procs.append(subprocess.Popen([sys.executable, str(WORKER), str(outs[i]), str(i), compression, addr], start_new_session=True))
-        for p in procs:
-            assert p.wait(timeout=200) == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                import os, signal
-
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    return [torch.load(out) for out in outs]
+    return run_averaging_workers(tmp_path, 3, compression)
 
 
 # (codec, largest relative error of the average, smallest size ratio against fp32 on the wire)

@@ -1,0 +1,138 @@
+"""Robust aggregation: how a reducer combines the group's parts when peers may be hostile.
+
+In an open run anyone can join a group, and a plain weighted mean lets a single member move the
+average anywhere: one peer sending ``1000 x`` its pseudo-gradient (or random values) drags every
+honest peer's outer state with it. ``run.aggregation.method`` replaces the mean, in each reducer,
+on the parts it averages (every member's slice of the flat pseudo-gradient), by one of:
+
+``norm_bound``
+    Each part longer than ``clip_ratio`` times the group's median part norm is scaled down to that
+    length, then the weighted mean is taken. A hostile member's pull on the average is bounded by
+    its weight share times ``clip_ratio x median norm``; the cheapest of the three.
+``trimmed_mean``
+    Coordinate-wise: per value, the ``b`` largest and ``b`` smallest of the members' values are
+    dropped and the rest averaged (unweighted), ``b = floor(trim x n)``, at least 1 in groups of
+    3 or more. With at most ``b`` hostile members, every value of the result lies between two
+    honest members' values.
+``centered_clip``
+    CenteredClip (Karimireddy, He and Jaggi, 2021): starting from the coordinate-wise median ``v``,
+    repeat ``v <- v + mean_i(clip(x_i - v, tau))`` for ``clip_iters`` iterations, where ``clip``
+    scales a vector down to norm ``tau``. ``tau`` is ``clip_ratio`` times the median distance of
+    the members to the starting point, so the rule needs no scale of its own. A hostile member's
+    pull per iteration is at most its weight share times ``tau``.
+
+Two guards apply to every robust method:
+
+- weights (tokens) are capped at ``max_weight_ratio`` times the group's median weight, so a
+  member cannot claim all the tokens to dominate the mean;
+- members whose part the rule clipped (``norm_bound``, ``centered_clip``) or that lie further
+  from the result than ``clip_ratio`` times the median distance (``trimmed_mean``) are *flagged*.
+  Every reducer tells the group whom it flagged; a peer flagged in ``ban_after`` consecutive
+  rounds is banned for the run (see ``Peer``).
+
+Robust aggregation needs honest majorities in groups of 3 or more (f < n/2): in a group of two,
+nobody can tell who is the hostile one. It does not make a hostile *reducer* harmless: the
+member that reduces a slice controls what it sends back for that slice (BTARD-style verification
+would be needed); each member checks the averages it receives are finite and of the right size.
+
+The functions here are pure (no hivemind): the reducer in :mod:`p2pdiloco.averaging` and the lab
+(:mod:`p2pdiloco.lab`) call the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+METHODS = ("mean", "norm_bound", "trimmed_mean", "centered_clip")
+_EPS = 1e-12
+
+
+def cap_weights(weights: torch.Tensor, max_ratio: float) -> torch.Tensor:
+    """Weights capped at ``max_ratio`` x their (lower) median."""
+    cap = max_ratio * weights.median()
+    return torch.minimum(weights, cap)
+
+
+def _clip_factors(norms: torch.Tensor, bound: torch.Tensor | float) -> torch.Tensor:
+    """Per member: the factor that scales a vector of norm ``norms`` down to at most ``bound``."""
+    return torch.clamp(bound / norms.clamp_min(_EPS), max=1.0)
+
+
+def norm_bound(parts: torch.Tensor, weights: torch.Tensor, clip_ratio: float) -> tuple[torch.Tensor, list[int]]:
+    norms = parts.norm(dim=1)
+    bound = clip_ratio * norms.median()
+    factors = _clip_factors(norms, bound)
+    flagged = [i for i in range(len(parts)) if factors[i] < 1.0]
+    scaled = weights * factors
+    return (parts * scaled[:, None]).sum(0) / weights.sum(), flagged
+
+
+def trim_count(n: int, trim: float) -> int:
+    """How many values a trimmed mean drops at each end in a group of ``n``."""
+    if n < 3 or trim <= 0:
+        return 0
+    return min(max(1, math.floor(trim * n)), (n - 1) // 2)
+
+
+def trimmed_mean(parts: torch.Tensor, trim: float, clip_ratio: float) -> tuple[torch.Tensor, list[int]]:
+    n = len(parts)
+    b = trim_count(n, trim)
+    ordered = parts.sort(dim=0).values
+    result = ordered[b : n - b].mean(0)
+    return result, _far_from(parts, result, clip_ratio)
+
+
+def centered_clip(parts: torch.Tensor, weights: torch.Tensor, clip_ratio: float, iters: int) -> tuple[torch.Tensor, list[int]]:
+    v = parts.median(dim=0).values  # (lower) coordinate-wise median: a robust start
+    tau = clip_ratio * (parts - v).norm(dim=1).median()
+    total = weights.sum()
+    for _ in range(iters):
+        diffs = parts - v
+        factors = _clip_factors(diffs.norm(dim=1), tau)
+        v = v + (diffs * (weights * factors)[:, None]).sum(0) / total
+    distances = (parts - v).norm(dim=1)
+    return v, [i for i in range(len(parts)) if distances[i] > tau]
+
+
+def _far_from(parts: torch.Tensor, center: torch.Tensor, ratio: float) -> list[int]:
+    distances = (parts - center).norm(dim=1)
+    limit = ratio * distances.median()
+    return [i for i in range(len(parts)) if distances[i] > limit and distances[i] > _EPS]
+
+
+def aggregate(
+    parts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    method: str,
+    *,
+    clip_ratio: float = 2.0,
+    trim: float = 0.25,
+    clip_iters: int = 3,
+    max_weight_ratio: float = 2.0,
+) -> tuple[torch.Tensor, list[int]]:
+    """Combine the members' ``parts`` (same-shape fp32 tensors) with ``weights``.
+
+    Returns the aggregate (fp32, the parts' shape) and the indices of the members the rule flagged.
+    ``mean`` is the plain weighted mean and flags nobody. All computation is in fp32 in a fixed
+    order, so the reducer's result depends only on the parts it received.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown aggregation method {method!r}: one of {', '.join(METHODS)}")
+    if not parts:
+        raise ValueError("nothing to aggregate")
+    shape = parts[0].shape
+    stacked = torch.stack([p.reshape(-1).float() for p in parts])
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+    if method == "mean" or len(parts) == 1:
+        return ((stacked * w[:, None]).sum(0) / w.sum()).reshape(shape), []
+    w = cap_weights(w, max_weight_ratio)
+    if method == "norm_bound":
+        result, flagged = norm_bound(stacked, w, clip_ratio)
+    elif method == "trimmed_mean":
+        result, flagged = trimmed_mean(stacked, trim, clip_ratio)
+    else:
+        result, flagged = centered_clip(stacked, w, clip_ratio, clip_iters)
+    return result.reshape(shape), flagged
