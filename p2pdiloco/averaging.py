@@ -40,13 +40,14 @@ from hivemind import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression, deserialize_torch_tensor
-from hivemind.p2p import PeerID
-from hivemind.proto import averaging_pb2
-from hivemind.utils import MPFuture
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils import MPFuture, get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 from hivemind.utils.streaming import combine_from_streaming
 
 from p2pdiloco import faults, robust
+from p2pdiloco.auth import TOKEN_BYTES, RunSecret
 from p2pdiloco.codecs import Codec, make_codec
 from p2pdiloco.config import AggregationConfig, AveragingConfig
 from p2pdiloco.errors import AveragingFailed, StateDownloadFailed
@@ -54,6 +55,47 @@ from p2pdiloco.errors import AveragingFailed, StateDownloadFailed
 log = logging.getLogger(__name__)
 
 SENT, RECEIVED, ENCODE_S, DECODE_S = range(4)  # the shared counters of an averager
+MAX_GATHER_BYTES = 4096  # one member's matchmaking metadata; ours is about 200 bytes
+MEMBER_TTL_S = 6 * 3600.0  # a membership proof record's lifetime; republished every round
+
+
+def decode_gather(raw: object, serializer) -> dict:
+    """One member's matchmaking metadata, as it arrives from the network, checked and decoded.
+
+    hivemind sends ``[bandwidth, mode, user bytes]`` (msgpack) and the user part is p2pdiloco's
+    ``gather`` dict: ``epoch`` and ``state_hash`` (which state the member averages), ``member``
+    (its membership proof in a closed run) and free keys. Raises ValueError for anything else, so
+    a malformed entry refuses the join request or the group instead of crashing matchmaking.
+    """
+    if not isinstance(raw, bytes) or len(raw) > MAX_GATHER_BYTES:
+        raise ValueError("metadata missing or too large")
+    try:
+        outer = serializer.loads(raw)
+        if not (isinstance(outer, (list, tuple)) and len(outer) == 3):
+            raise ValueError("not [bandwidth, mode, data]")
+        bandwidth, mode, user_bytes = outer
+        if bandwidth is not None and (isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float))
+                                      or not 0 <= bandwidth < float("inf")):
+            raise ValueError("bad bandwidth")  # None: not measured (hivemind's default)
+        if isinstance(mode, bool) or mode not in {m.value for m in AveragingMode}:
+            raise ValueError("bad averaging mode")
+        if not isinstance(user_bytes, bytes):
+            raise ValueError("bad data")
+        user = serializer.loads(user_bytes)
+    except ValueError:
+        raise
+    except Exception as e:  # msgpack's own errors (ExtraData, FormatError, ...) and type confusion
+        raise ValueError(f"undecodable metadata ({type(e).__name__})") from None
+    if not isinstance(user, dict) or not all(isinstance(k, str) for k in user):
+        raise ValueError("data is not a dict of str keys")
+    epoch, state_hash, member = user.get("epoch"), user.get("state_hash"), user.get("member")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < 2**62:
+        raise ValueError("bad epoch")
+    if not isinstance(state_hash, str) or len(state_hash) > 64:
+        raise ValueError("bad state hash")
+    if member is not None and not (isinstance(member, bytes) and len(member) == TOKEN_BYTES):
+        raise ValueError("bad membership proof")
+    return user
 
 
 class _SenderCodec(CompressionBase):
@@ -89,13 +131,14 @@ class RobustPartReducer(TensorPartReducer):
     """hivemind's part reducer with :func:`p2pdiloco.robust.aggregate` in place of its running mean.
 
     hivemind sums each part as it arrives; a robust rule needs all members' values at once, so
-    the parts are kept until the last member's arrives, then aggregated. ``flagged`` collects the
-    sender indices the rule flagged on any part.
+    the parts are kept until the last member's arrives, then aggregated. ``flagged`` holds the
+    sender indices the rule flagged on at least half of the parts aggregated so far.
     """
 
     def __init__(self, part_shapes, num_senders: int, aggregation: AggregationConfig):
         self.aggregation = aggregation
-        self.flagged: set[int] = set()
+        self.flag_counts = [0] * num_senders
+        self.parts_done = 0
         self._parts: dict[int, dict[int, tuple[torch.Tensor, float]]] = {}  # part index -> sender -> (part, weight)
         super().__init__(part_shapes, num_senders)
 
@@ -113,11 +156,18 @@ class RobustPartReducer(TensorPartReducer):
                 result, flagged = robust.aggregate(
                     [collected[s][0] for s in senders], [collected[s][1] for s in senders], a.method,
                     clip_ratio=a.clip_ratio, trim=a.trim, clip_iters=a.clip_iters, max_weight_ratio=a.max_weight_ratio,
+                    flag_ratio=a.flag_ratio,
                 )
-                self.flagged.update(senders[i] for i in flagged)
+                self.parts_done += 1
+                for i in flagged:
+                    self.flag_counts[senders[i]] += 1
                 self.accumulator.copy_(result)  # the parent divides by the denominator: make it 1
                 self.denominator = 1.0
         super().check_current_part_finished()
+
+    @property
+    def flagged(self) -> set[int]:
+        return {s for s, count in enumerate(self.flag_counts) if count and 2 * count >= self.parts_done}
 
 
 def parse_reducer_note(field: bytes, members: Sequence[PeerID], me: PeerID) -> tuple[list[PeerID], list[PeerID]]:
@@ -160,7 +210,7 @@ class ConsistentAllReduceRunner(AllReduceRunner):
         super().__init__(**kwargs)
         self.traffic, self.offender = traffic, offender
         self.excluded: set[PeerID] = set()  # senders this reducer left out for non-finite values
-        self.flagged_by_others: set[PeerID] = set()  # members other reducers' robust rules flagged
+        self.flags_of: dict[PeerID, list[PeerID]] = {}  # reducer -> whom its latest note flagged
         if aggregation.method != "mean":  # no part has arrived yet: the reducer can still be swapped
             stock = self.tensor_part_reducer
             stock.finished.set()  # never used: keeps its finalizer from warning about missing parts
@@ -174,10 +224,12 @@ class ConsistentAllReduceRunner(AllReduceRunner):
         self._serialized_averages: dict[int, Any] = {}
 
     def flagged(self) -> set[PeerID]:
-        """Members a robust rule flagged in this round: by our reducer, or by others (their notes)."""
+        """Members a robust rule flagged in this round (on at least half of some reducer's parts): by
+        our reducer, or by others (their last notes)."""
         reducer = self.tensor_part_reducer
         ours = {self.sender_peer_ids[i] for i in getattr(reducer, "flagged", ())}
-        return (ours | self.flagged_by_others) - {self.peer_id}
+        theirs = {p for flagged in self.flags_of.values() for p in flagged}
+        return (ours | theirs) - {self.peer_id}
 
     def failed_values(self) -> int:
         return self.tensor_part_container.failed_size  # ...which is why any failure fails the round
@@ -227,7 +279,7 @@ class ConsistentAllReduceRunner(AllReduceRunner):
                 left_out, flagged = parse_reducer_note(excluded, self.sender_peer_ids, self.peer_id)
                 for offender in left_out:
                     self.offender(offender, f"was left out by {peer_id} for sending non-finite values")
-                self.flagged_by_others.update(flagged)
+                self.flags_of[peer_id] = flagged  # the last note sums up all of that reducer's parts
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
                 part_index += 1
             if part_index != expected:
@@ -316,8 +368,10 @@ class _Averager(DecentralizedAverager):
     """hivemind's averager with the consistent runner, shared counters, an error-feedback buffer
     and pluggable state."""
 
+    _rpc_handlers = None  # hivemind caches the rpc_* handlers per class: collect ours, not the parent's
+
     def __init__(self, tensors, *args, codec: Codec, error_feedback: bool, aggregation: AggregationConfig,
-                 state_fn: Callable[[], tuple[dict, Sequence[torch.Tensor]]], **kwargs):
+                 secret: RunSecret | None, state_fn: Callable[[], tuple[dict, Sequence[torch.Tensor]]], **kwargs):
         self.traffic = torch.zeros(4, dtype=torch.float64).share_memory_()
         size = sum(t.numel() for t in tensors)
         self.residual = torch.zeros(size, dtype=torch.float32).share_memory_() if error_feedback else None
@@ -325,6 +379,8 @@ class _Averager(DecentralizedAverager):
         self._state_fn = state_fn
         self._banned: set[PeerID] = set()  # lives in the averager process, where rounds run
         self._aggregation = aggregation
+        self._secret = secret  # closed run: only peers proving membership (see p2pdiloco.auth)
+        self._members: set[PeerID] = set()  # proofs already checked (they never expire)
         self._last_flagged: list[str] = []  # members flagged in the last round, for the host to take
         super().__init__(tensors, *args, compression=codec, **kwargs)
 
@@ -339,21 +395,87 @@ class _Averager(DecentralizedAverager):
         if peer_id not in self._banned:
             log.warning("peer %s %s: excluded from this peer's groups for the rest of the run", peer_id, reason)
             self._banned.add(peer_id)
-        matchmaking = self._matchmaking
+        matchmaking = self._matchmaking  # as a leader, rpc_join_group refuses banned followers
         if getattr(matchmaking, "_p2pdiloco_bans", False):
             return
-        check, join = matchmaking._check_reasons_to_reject, matchmaking._request_join_group
-
-        def check_reasons_to_reject(request, context):  # as a leader: refuse a banned follower
-            if context.remote_id in self._banned:
-                return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
-            return check(request, context)
+        join = matchmaking._request_join_group
 
         async def request_join_group(leader):  # as a follower: never follow a banned leader
             return None if leader in self._banned else await join(leader)
 
-        matchmaking._check_reasons_to_reject, matchmaking._request_join_group = check_reasons_to_reject, request_join_group
+        matchmaking._request_join_group = request_join_group
         matchmaking._p2pdiloco_bans = True
+
+    def _is_member(self, peer_id: PeerID, token: object) -> bool:
+        if self._secret is None or peer_id in self._members:
+            return True
+        if self._secret.verify(peer_id.to_bytes(), token):
+            self._members.add(peer_id)
+            return True
+        return False
+
+    def _refuse_outsider(self, peer_id: PeerID, where: str) -> None:
+        self._ban(peer_id, f"holds no valid membership proof of this closed run ({where}); refused before any tensor was exchanged")
+
+    async def _published_member(self, peer_id: PeerID) -> bool:
+        """Whether ``peer_id`` published a valid membership proof in the DHT (closed runs; for
+        state downloads, which carry no metadata of their own)."""
+        if self._secret is None or peer_id in self._members:
+            return True
+        try:
+            found = await self.dht.get(f"{self.prefix}.members", latest=True, return_future=True)
+            entry = found.value.get(peer_id.to_base58()) if found is not None and isinstance(found.value, dict) else None
+        except Exception as e:
+            log.debug("could not read the membership proofs: %r", e)
+            return False
+        return self._is_member(peer_id, getattr(entry, "value", None))
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        """As a leader: refuse banned peers, malformed metadata and (closed runs) non-members at the door."""
+        peer = context.remote_id
+        refusal = averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+        if peer in self._banned:
+            yield refusal
+            return
+        try:
+            user = decode_gather(request.gather, self.serializer)
+        except ValueError as e:
+            self._ban(peer, f"asked to join with malformed metadata ({e})")
+            yield refusal
+            return
+        if not self._is_member(peer, user.get("member")):
+            self._refuse_outsider(peer, "join request")
+            yield refusal
+            return
+        async for response in super().rpc_join_group(request, context):
+            yield response
+
+    async def _aggregate_with_group(self, group_info, min_vector_size, **kwargs):
+        """As any member: check every member's metadata and proof before a single part is sent."""
+        for peer_id, raw in zip(group_info.peer_ids, group_info.gathered):
+            if peer_id in self._banned:  # another leader's group: we never average with it again
+                raise AllreduceException(f"group member {peer_id} is banned by this peer; group refused")
+            try:
+                user = decode_gather(raw, self.serializer)
+            except ValueError as e:
+                raise AllreduceException(f"group member {peer_id} has malformed metadata ({e}); group refused") from None
+            if peer_id != self.peer_id and not self._is_member(peer_id, user.get("member")):
+                self._refuse_outsider(peer_id, "in a group")
+                raise AllreduceException(f"group member {peer_id} is not a member of this closed run; group refused")
+        return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """Serve the state to members only (closed runs); an empty answer means "ask another donor"."""
+        if context.remote_id in self._banned or not await self._published_member(context.remote_id):
+            if context.remote_id not in self._banned:
+                self._refuse_outsider(context.remote_id, "state download")
+            return
+        async for message in super().rpc_download_state(request, context):
+            yield message
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
@@ -415,11 +537,18 @@ class _Averager(DecentralizedAverager):
                 peer_id = PeerID.from_base58(peer)
                 if peer_id == self.peer_id:
                     continue
+                if not await self._published_member(peer_id):
+                    log.warning("closed run: not downloading the state from %s, which published no valid membership proof", peer)
+                    continue
                 try:
                     stub = self.get_stub(self._p2p, peer_id, namespace=self.prefix)
                     stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
                     metadata, parts, tensors = None, [], []
                     async for message in aiter_with_timeout(stream, timeout=chunk_timeout):
+                        if message.tensor_part.compression != runtime_pb2.CompressionType.NONE:
+                            # States travel unquantized; any other codec is the sender's choice of
+                            # which decoder (bitsandbytes' native code included) runs on its bytes.
+                            raise ValueError("a state tensor in a compressed format")
                         if message.metadata:
                             metadata = self.serializer.loads(message.metadata)
                         if message.tensor_part.dtype and parts:
@@ -451,6 +580,7 @@ class PseudoGradientAverager:
         background thread when a newcomer downloads the state, so it must take the state lock
     :param error_feedback: return, with each round, what quantizing our parts dropped
     :param aggregation: how the slices this peer reduces are combined (:mod:`p2pdiloco.robust`)
+    :param secret: a closed run's secret: only members join our groups, serve us or get our state
     """
 
     def __init__(
@@ -467,6 +597,7 @@ class PseudoGradientAverager:
         error_feedback: bool = False,
         client_mode: bool = False,
         aggregation: AggregationConfig | None = None,
+        secret: RunSecret | None = None,
     ):
         self.cfg = cfg
         self.target_group_size = target_group_size
@@ -480,6 +611,7 @@ class PseudoGradientAverager:
             codec=make_codec(compression),
             error_feedback=error_feedback,
             aggregation=aggregation or AggregationConfig(),
+            secret=secret,
             target_group_size=target_group_size,
             min_group_size=min_group_size,
             min_matchmaking_time=cfg.matchmaking_s,
@@ -491,10 +623,26 @@ class PseudoGradientAverager:
             declare_state_period=max(cfg.matchmaking_s, 5.0),
             shutdown_timeout=cfg.next_chunk_s,
         )
+        self._token = secret.token(self._averager.peer_id.to_bytes()) if secret is not None else None
+        self._publish_membership(wait=True)
 
     @property
     def peer_id(self) -> str:
         return self._averager.peer_id.to_base58()
+
+    def _publish_membership(self, wait: bool = False) -> None:
+        """Closed runs: publish our proof, so donors serve us the state and newcomers trust us as a donor."""
+        if self._token is None:
+            return
+        future = self._averager.dht.store(
+            f"{self._averager.prefix}.members", subkey=self.peer_id, value=self._token,
+            expiration_time=get_dht_time() + MEMBER_TTL_S, return_future=True,
+        )
+        if wait:
+            try:
+                future.result(timeout=self.cfg.request_s)
+            except Exception as e:  # republished every round; a donor may refuse us until then
+                log.warning("could not publish this peer's membership proof yet: %r", e)
 
     def ban(self, peer: str, reason: str) -> None:
         """Refuse ``peer`` in this peer's groups for the rest of the run (logged with ``reason``)."""
@@ -579,8 +727,10 @@ class PseudoGradientAverager:
         except Exception as e:
             raise AveragingFailed(f"the averager did not answer: {e!r}") from None
         started = time.monotonic()
+        self._publish_membership()
+        proof = {} if self._token is None else {"member": self._token}
         control = self._averager.step(
-            gather=dict(gather, epoch=epoch, state_hash=state_hash), weight=float(weight), timeout=2 * cfg.matchmaking_s,
+            gather=dict(gather, epoch=epoch, state_hash=state_hash, **proof), weight=float(weight), timeout=2 * cfg.matchmaking_s,
             # No retry inside the step: a member whose all-reduce failed while the others succeeded
             # would average again, at the same epoch, with another group: a fork. The peer's loop
             # retries instead, after checking whether the swarm moved on.

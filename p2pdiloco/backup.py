@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-from p2pdiloco import checkpoint, swarm
+from p2pdiloco import auth, checkpoint, swarm
 from p2pdiloco.averaging import PseudoGradientAverager
 from p2pdiloco.config import Recipe
 from p2pdiloco.errors import StateDownloadFailed
@@ -27,7 +27,7 @@ log = logging.getLogger("p2pdiloco")
 
 
 class StateBackup:
-    def __init__(self, dht, recipe: Recipe, directory: Path, every_epochs: int = 1, every_s: float = 10.0):
+    def __init__(self, dht, recipe: Recipe, directory: Path, every_epochs: int = 1, every_s: float = 10.0, secret=None):
         from p2pdiloco import model  # the parameter count; a 1B recipe needs ~4 GB of RAM here
 
         self.dht, self.run, self.peer_cfg = dht, recipe.run, recipe.peer
@@ -47,6 +47,7 @@ class StateBackup:
             dht, self.outer.size, prefix=f"{self.run.name}_{self.fingerprint}", cfg=self.run.averaging,
             compression=self.run.compression, target_group_size=self.run.target_group_size,
             min_group_size=self.run.min_group_size, state_fn=self._serve, aggregation=self.run.aggregation,
+            secret=auth.for_run(self.run.closed, secret),
         )
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="backup", daemon=True)

@@ -28,6 +28,10 @@ PEERS_HELP = (
     "A peer of the run (a coordinator, another peer, or a hivemind-dht node): its multiaddr, a file of multiaddrs "
     "(a coordinator's --addrs-file), or the NAME of a bootstrap list (peers/README.md); repeatable."
 )
+SECRET_HELP = (
+    "A closed run's secret: a file holding it (default: $P2PDILOCO_RUN_SECRET). Never pass the secret itself "
+    "on the command line; see docs/security.md."
+)
 NAT_HELP = (
     "auto (default), public, client, relay or local: how this peer takes part behind NAT (peer.nat; see peers/README.md)."
 )
@@ -92,13 +96,16 @@ def coordinator(
         "127.0.0.1", help="Listen address of the dashboard: loopback unless you mean to publish it (read-only)."
     ),
     dashboard_refresh: float = typer.Option(5.0, min=0.5, help="Seconds between the dashboard's reads of the DHT."),
+    secret_file: Optional[Path] = typer.Option(None, help=SECRET_HELP),
     log_level: str = typer.Option("info", envvar="P2PDILOCO_LOG_LEVEL"),
 ) -> None:
     """Run a long-lived bootstrap peer: a stable address for volunteers to join through. Ctrl+C stops it."""
     _setup_logging(log_level)
+    from p2pdiloco.auth import load_secret
     from p2pdiloco.coordinator import run_coordinator
 
     try:
+        secret = load_secret(secret_file)
         keep = None
         if backup:
             from p2pdiloco.config import load_recipe
@@ -108,6 +115,7 @@ def coordinator(
             host=host, port=port, public_host=public_host, identity=identity, addrs_file=addrs_file,
             timeout=startup_timeout, backup=keep,
             dashboard=None if dashboard_port is None else (dashboard_host, dashboard_port, dashboard_refresh),
+            secret=secret,
         )
     except P2PDilocoError as e:
         _fail(e)
@@ -129,6 +137,7 @@ def join(
         None, help="Checkpoint here every epoch and on exit; resume from it on restart (peer.checkpoint_dir)."
     ),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    secret_file: Optional[Path] = typer.Option(None, help=SECRET_HELP),
     log_level: str = typer.Option("info", envvar="P2PDILOCO_LOG_LEVEL"),
 ) -> None:
     """Become a peer of the run described by CONFIG: find the swarm, catch up, train, average."""
@@ -158,6 +167,7 @@ def join(
             max_epochs=max_epochs,
             metrics_file=str(metrics_file) if metrics_file else None,
             export_dir=str(export) if export else None,
+            secret_file=str(secret_file) if secret_file else None,
         )
     except P2PDilocoError as e:
         _fail(e)
@@ -262,13 +272,15 @@ def status(
     run: Optional[str] = typer.Option(None, help="Only this run (default: every run the DHT knows)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     timeout: float = typer.Option(15.0, help="Seconds to wait for the DHT."),
+    secret_file: Optional[Path] = typer.Option(None, help=SECRET_HELP),
 ) -> None:
     """Print the runs' peers, their epochs and throughput, read from the DHT."""
     _setup_logging("warning")
+    from p2pdiloco.auth import load_secret
     from p2pdiloco.coordinator import print_status
 
     try:
-        print_status(_resolve_peers(peers)[0], run=run, as_json=as_json, timeout=timeout)
+        print_status(_resolve_peers(peers)[0], run=run, as_json=as_json, timeout=timeout, secret=load_secret(secret_file))
     except P2PDilocoError as e:
         _fail(e)
 

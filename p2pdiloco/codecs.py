@@ -101,7 +101,9 @@ class Codec(CompressionBase):
         if serialized.dtype != self.tag:
             raise ValueError(f"expected a {self.tag} part, got '{serialized.dtype[:40]}'")
         shape = tuple(serialized.size)  # unsigned on the wire: only the product can be absurd
-        if math.prod(shape) > MAX_VALUES:
+        # Zero sizes count as 1: (0, 2**32 - 1, 2**32 - 1) holds no value, yet torch computes its
+        # strides from the other sizes and fails with a RuntimeError (found by bench/fuzz.py).
+        if math.prod(max(d, 1) for d in shape) > MAX_VALUES:
             raise ValueError(f"malformed part shape {shape[:8]}")
         n = math.prod(shape)
         if len(serialized.buffer) != self.payload_size(n):

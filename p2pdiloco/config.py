@@ -134,7 +134,11 @@ class AggregationConfig(_Strict):
     )
     clip_ratio: float = Field(
         2.0, ge=1, description="norm_bound: longest part as a multiple of the median norm; centered_clip: tau as a multiple "
-        "of the median distance to the coordinate-wise median; all: how far from the result a member is flagged",
+        "of the median distance to the coordinate-wise median",
+    )
+    flag_ratio: float = Field(
+        5.0, ge=1, description="robust methods: a member further from the result than this times the median distance is "
+        "flagged on that part (named in the metrics; see ban_after)",
     )
     trim: float = Field(0.25, ge=0, lt=0.5, description="trimmed_mean: share of values dropped at each end (at least 1 in groups of 3+)")
     clip_iters: int = Field(3, ge=1, le=50, description="centered_clip: iterations")

@@ -29,11 +29,14 @@ def run_coordinator(
     timeout: float,
     backup: tuple | None = None,
     dashboard: tuple[str, int, float] | None = None,
+    secret=None,
 ) -> None:
     """Serve the DHT until SIGINT/SIGTERM, then stop it and its ``p2pd`` daemon cleanly.
 
     ``backup``: (recipe, folder, every_epochs) to keep a copy of that run's state (see backup.py).
     ``dashboard``: (host, port, refresh_s) to serve the web dashboard (see dashboard.py).
+    ``secret``: a closed run's :class:`~p2pdiloco.auth.RunSecret`: the DHT stores and returns only
+    members' records (and the dashboard can read them); needed with ``backup`` of a closed run.
     """
     stop = threading.Event()
 
@@ -42,9 +45,16 @@ def run_coordinator(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    if backup and backup[0].run.closed != (secret is not None):
+        from p2pdiloco.auth import for_run
+
+        for_run(backup[0].run.closed, secret)  # raises the one-line error that names the fix
     dht = swarm.start_dht(
-        host=host, port=port, public_host=public_host, identity=str(identity) if identity else None, timeout=timeout
+        host=host, port=port, public_host=public_host, identity=str(identity) if identity else None, timeout=timeout,
+        secret=secret,
     )
+    if secret is not None:
+        log.info("closed run: membership key id %s; records without the run's MAC are dropped", secret.key_id)
     # No initial peers to fall back on, but after a network cut it re-contacts the peers it knew.
     watchdog = swarm.RoutingWatchdog(dht, [], period_s=10.0, timeout_s=5.0)
     keeper = watch = server = None
@@ -53,7 +63,7 @@ def run_coordinator(
             from p2pdiloco.backup import StateBackup
 
             recipe, folder, every = backup
-            keeper = StateBackup(dht, recipe, folder, every_epochs=every, every_s=recipe.peer.heartbeat_s)
+            keeper = StateBackup(dht, recipe, folder, every_epochs=every, every_s=recipe.peer.heartbeat_s, secret=secret)
             log.info("keeping a backup of run '%s' in %s (every %d epoch(s))", recipe.run.name, folder, every)
             signal.signal(signal.SIGINT, on_signal)  # hivemind's averager has just set SIGINT to "ignore"
         if dashboard:
@@ -85,12 +95,12 @@ def run_coordinator(
         swarm.stop_dht(dht)
 
 
-def collect_status(peers: list[str], run: str | None, timeout: float) -> dict:
+def collect_status(peers: list[str], run: str | None, timeout: float, secret=None) -> dict:
     """``{run: summary}`` (see :func:`p2pdiloco.dashboard.summarize_run`) for the given run, or for
-    every run the DHT lists."""
+    every run the DHT lists. A closed run's records can be read only with its ``secret``."""
     from p2pdiloco.dashboard import list_runs, summarize_run
 
-    dht = swarm.start_dht(peers, client_mode=True, timeout=timeout)
+    dht = swarm.start_dht(peers, client_mode=True, timeout=timeout, secret=secret)
     try:
         runs = [run] if run else list_runs(dht, timeout)
         if runs is None:
@@ -106,8 +116,8 @@ def collect_status(peers: list[str], run: str | None, timeout: float) -> dict:
         swarm.stop_dht(dht)
 
 
-def print_status(peers: list[str], *, run: str | None, as_json: bool, timeout: float) -> None:
-    status = collect_status(peers, run, timeout)
+def print_status(peers: list[str], *, run: str | None, as_json: bool, timeout: float, secret=None) -> None:
+    status = collect_status(peers, run, timeout, secret=secret)
     if as_json:
         print(json.dumps(status, indent=2))
         return

@@ -16,7 +16,11 @@ Everything that decides the numbers is the real peers' code, not a re-implementa
 - the codecs (:func:`p2pdiloco.codecs.make_codec`) on both legs of the all-reduce, as
   :mod:`p2pdiloco.averaging` does: the reducer of a slice averages its own part in fp32 with the
   decoded parts of the others, weighted by tokens, and encodes the average **once**
-  (:func:`reduce`).
+  (:func:`reduce`); with a robust ``run.aggregation`` it combines them with the reducers' own
+  :func:`p2pdiloco.robust.aggregate`, part by part.
+
+Hostile peers (``LabArm.hostile``) train like the others but send what the swarm tests' faults
+send (``send:scale``, ``send:random``), so the lab can show what robust aggregation costs and buys.
 
 Modes (:class:`LabArm`):
 
@@ -46,9 +50,9 @@ from typing import Callable, Literal
 
 import torch
 
-from p2pdiloco import data, inner, model, pace
+from p2pdiloco import data, inner, model, pace, robust
 from p2pdiloco.codecs import Codec, make_codec
-from p2pdiloco.config import Recipe, load_recipe
+from p2pdiloco.config import AggregationConfig, Recipe, load_recipe
 from p2pdiloco.outer import OuterState, flatten_parameters, load_flat_parameters
 
 # Speed profiles, in virtual seconds per inner step of each worker. "notebook" is the official
@@ -57,6 +61,10 @@ SPEED_PROFILES = {
     "homogeneous": [1.0, 1.0, 1.0, 1.0],
     "notebook": [0.58, 0.75, 1.51, 3.33],
 }
+
+# hivemind's DEFAULT_PART_SIZE_BYTES, which the averager keeps: a reducer's slice reaches it in
+# parts of this many bytes after compression, and a robust rule runs on each part on its own.
+PART_SIZE_BYTES = 2**19
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +83,11 @@ class LabArm:
         dylu: run ``floor(H * v / v_fastest)`` steps per epoch (``pace.dylu_steps``).
         latency_s, bandwidth_mbit: the virtual cost of a round: latency + bytes sent / bandwidth.
         evals: about how many evaluations of the global parameters along the run.
+        hostile: how many workers (the last ones) are hostile: they train normally, but each
+            round send, instead of their pseudo-gradient, 1000x it (``attack="scale"``) or Gaussian
+            noise 100x its RMS (``"random"``): the ``send:scale`` and ``send:random`` faults of
+            :meth:`p2pdiloco.averaging.PseudoGradientAverager.average`. ``run.aggregation.method``
+            (an override) decides what the reducers make of it.
     """
 
     name: str
@@ -88,6 +101,8 @@ class LabArm:
     latency_s: float = 0.1
     bandwidth_mbit: float = 100.0
     evals: int = 12
+    hostile: int = 0
+    attack: Literal["scale", "random"] = "scale"
 
     def speed_list(self) -> list[float]:
         speeds = list(SPEED_PROFILES[self.speeds] if isinstance(self.speeds, str) else self.speeds)
@@ -119,33 +134,71 @@ def slices(n: int, parts: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-def reduce(deltas: list[torch.Tensor], weights: list[float], codec: Codec) -> tuple[torch.Tensor, list[int]]:
+def reduce(deltas: list[torch.Tensor], weights: list[float], codec: Codec,
+           aggregation: AggregationConfig | None = None) -> tuple[torch.Tensor, list[int], list[int]]:
     """The consistent all-reduce of :mod:`p2pdiloco.averaging`, in one process.
 
     Member ``j`` reduces slice ``j``: its own part in fp32, every other member's part through
     ``codec`` (sender leg), the weighted mean in fp32, then the mean through ``codec`` once
-    (reducer leg), which every member decodes to the same values. Returns the average and the
-    payload bytes each member sent (its parts to the other reducers, its average to the others).
-    A group of one is an asynchronous arrival at a server (the async paper's model): its
-    pseudo-gradient goes through ``codec`` once and costs one payload.
+    (reducer leg), which every member decodes to the same values. Returns the average, the
+    payload bytes each member sent (its parts to the other reducers, its average to the others)
+    and the members the reducers' robust rule flagged. A group of one is an asynchronous arrival
+    at a server (the async paper's model): its pseudo-gradient goes through ``codec`` once and
+    costs one payload.
+
+    A robust ``aggregation`` (a method other than ``mean``) replaces the weighted mean by
+    :func:`robust.aggregate` on the same pieces, as :class:`p2pdiloco.averaging.RobustPartReducer`
+    does (:func:`_aggregate_slice`). ``mean`` keeps the running sum below: its numbers are those
+    of every lab result before robust rules existed.
     """
     n = len(deltas)
     if n == 1:  # a lone arrival (async): its pseudo-gradient still crosses the wire once, encoded
-        return codec.decode(codec.encode(deltas[0]), deltas[0].numel()), [codec.payload_size(deltas[0].numel())]
+        return codec.decode(codec.encode(deltas[0]), deltas[0].numel()), [codec.payload_size(deltas[0].numel())], []
+    robust_rule = aggregation is not None and aggregation.method != "mean"
     total = float(sum(weights))
     out = torch.empty_like(deltas[0])
     sent = [0] * n
+    flagged: set[int] = set()
     for j, part in enumerate(slices(deltas[0].numel(), n)):
         size = part.stop - part.start
-        acc = torch.zeros(size, dtype=torch.float32)
-        for i, (delta, w) in enumerate(zip(deltas, weights)):
-            piece = delta[part] if i == j else codec.decode(codec.encode(delta[part]), size)
-            acc.add_(piece, alpha=w / total)
+        pieces = [delta[part] if i == j else codec.decode(codec.encode(delta[part]), size) for i, delta in enumerate(deltas)]
+        for i in range(n):
             if i != j:
                 sent[i] += codec.payload_size(size)
+        if robust_rule:
+            acc, hit = _aggregate_slice(pieces, weights, aggregation, codec)
+            flagged.update(hit)
+        else:
+            acc = torch.zeros(size, dtype=torch.float32)
+            for piece, w in zip(pieces, weights):
+                acc.add_(piece, alpha=w / total)
         out[part] = codec.decode(codec.encode(acc), size)
         sent[j] += (n - 1) * codec.payload_size(size)
-    return out, sent
+    return out, sent, sorted(flagged)
+
+
+def _aggregate_slice(pieces: list[torch.Tensor], weights: list[float], aggregation: AggregationConfig,
+                     codec: Codec) -> tuple[torch.Tensor, set[int]]:
+    """One reducer's slice through the run's robust rule, one hivemind part at a time; returns
+    it and the members flagged on at least half of its parts (``RobustPartReducer.flagged``).
+
+    The real reducer sees its slice as parts of ``PART_SIZE_BYTES`` after compression, and the
+    rule's medians and norms are those of each part: the lab cuts the slice the same way (from
+    the slice's start; hivemind cuts the whole vector, so boundaries can differ by a part).
+    """
+    a = aggregation
+    part_values = max(1, int(PART_SIZE_BYTES / (4 * codec.estimate_compression_ratio(None))))
+    acc = torch.empty_like(pieces[0])
+    counts = [0] * len(pieces)
+    starts = range(0, acc.numel(), part_values)
+    for start in starts:
+        part = slice(start, start + part_values)
+        result, hit = robust.aggregate([p[part] for p in pieces], weights, a.method, clip_ratio=a.clip_ratio, trim=a.trim,
+                                       clip_iters=a.clip_iters, max_weight_ratio=a.max_weight_ratio, flag_ratio=a.flag_ratio)
+        acc[part] = result
+        for i in hit:
+            counts[i] += 1
+    return acc, {i for i, c in enumerate(counts) if c and 2 * c >= len(starts)}
 
 
 class _Worker:
@@ -163,6 +216,9 @@ class _Worker:
         self.base: torch.Tensor | None = None  # the global parameters this phase started from
         self.base_epoch = 0
         self.phase_steps = 0
+        self.hostile = False  # sends an attack instead of its pseudo-gradient (LabArm.hostile)
+        self.rounds = 0  # rounds it took part in, and those in which a reducer flagged it
+        self.flagged = 0
 
     def start(self, params: torch.Tensor, epoch: int) -> None:
         self.base, self.base_epoch = params.clone(), epoch
@@ -186,9 +242,16 @@ def run_arm(arm: LabArm, config: str, seed: int, cache: str | Path | None = None
 
     ``seed`` sets both the data order (``run.seed``) and the initial parameters
     (``run.model.init_seed``), as a different run of the swarm would.
+
+    A round whose average is not finite ends the arm, as the outer step would end a real run:
+    ``diverged`` is then true and ``val_loss_final`` NaN (the curve keeps what was measured).
+    ``flag_rate_hostile`` and ``flag_rate_honest`` are the shares of their rounds in which the
+    reducers flagged hostile and honest workers (None without any such worker).
     """
     started = time.perf_counter()
     k = 1 if arm.mode == "single" else arm.workers
+    if not 0 <= arm.hostile < k:
+        raise ValueError(f"{arm.name}: hostile must be between 0 and workers - 1 (got {arm.hostile} of {k} workers)")
     overrides = [*arm.overrides, f"run.seed={seed}", f"run.model.init_seed={seed}", f"run.target_group_size={k}",
                  "run.min_group_size=1"]
     recipe = load_recipe(config, overrides)
@@ -207,11 +270,20 @@ def run_arm(arm: LabArm, config: str, seed: int, cache: str | Path | None = None
         for w in lab.workers:
             w.close()
     staleness, groups = lab.staleness, lab.group_sizes
+
+    def flag_rate(workers: list[_Worker]) -> float | None:
+        rounds = sum(w.rounds for w in workers)
+        return sum(w.flagged for w in workers) / rounds if rounds else None
+
     return dict(
         arm=arm.name, seed=seed, mode=arm.mode, clock="virtual", workers=k,
-        val_curve=lab.curve, val_loss_final=lab.curve[-1][3], tokens=lab.tokens, bytes_per_peer=lab.bytes_per_peer,
-        rounds=lab.rounds, virtual_s=lab.clock, wall_s=time.perf_counter() - started,
+        val_curve=lab.curve, val_loss_final=float("nan") if lab.diverged else lab.curve[-1][3], tokens=lab.tokens,
+        bytes_per_peer=lab.bytes_per_peer, rounds=lab.rounds, virtual_s=lab.clock, wall_s=time.perf_counter() - started,
         mean_staleness=sum(staleness) / max(1, len(staleness)), mean_group_size=sum(groups) / max(1, len(groups)),
+        aggregation=run.aggregation.method, hostile=arm.hostile, attack=arm.attack if arm.hostile else None,
+        diverged=lab.diverged, flagged_rounds=[w.flagged for w in lab.workers],
+        flag_rate_hostile=flag_rate([w for w in lab.workers if w.hostile]),
+        flag_rate_honest=flag_rate([w for w in lab.workers if not w.hostile]),
         run_fingerprint=run.fingerprint(),
     )
 
@@ -229,6 +301,10 @@ class _Lab:
         self.speeds = arm.speed_list()
         keys = shard_keys(k, self.run.data.num_shards)
         self.workers = [_Worker(recipe, key, cache, self.outer.params, self.speeds[i]) for i, key in enumerate(keys)]
+        for w in self.workers[k - arm.hostile:]:  # the last ones; none when hostile = 0
+            w.hostile = True
+        self.noise = torch.Generator().manual_seed(self.run.seed)  # the random attack's, for reproducible arms
+        self.diverged = False  # a round's average was not finite: the arm ended there
         self.val = self.workers[0].stream.val_batches()
         self.budget = arm.steps * k  # worker steps: the same token budget for every arm
         self.eval_every = max(1, self.budget // max(1, arm.evals))
@@ -276,9 +352,15 @@ class _Lab:
         if self.arm.mode == "single":  # plain training: the worker's parameters are the model
             self.outer.params.copy_(flatten_parameters(group[0].model))
             return 0.0
-        deltas = [w.delta() for w in group]
+        deltas = [self.attack(w.delta()) if w.hostile else w.delta() for w in group]
         weights = [float(w.tokens_per_step * w.phase_steps) for w in group]
-        avg, sent = reduce(deltas, weights, self.codec)
+        avg, sent, flagged = reduce(deltas, weights, self.codec, self.run.aggregation)
+        for i, w in enumerate(group):
+            w.rounds += 1
+            w.flagged += i in flagged
+        if not torch.isfinite(avg).all():  # OuterState.step would refuse it and end a real run
+            self.diverged = True
+            return 0.0
         self.staleness += [self.outer.epoch - w.base_epoch for w in group]
         self.group_sizes.append(len(group))
         self.outer.step(avg, contributions=len(group))
@@ -286,8 +368,15 @@ class _Lab:
         self.bytes_per_peer += sum(sent) / self.k  # the mean over workers of what each sent
         return self.arm.latency_s + 8 * max(sent) / (self.arm.bandwidth_mbit * 1e6) if len(group) > 1 else 0.0
 
+    def attack(self, delta: torch.Tensor) -> torch.Tensor:
+        """What a hostile worker sends instead of ``delta``: the ``send:scale`` and ``send:random``
+        faults of :meth:`p2pdiloco.averaging.PseudoGradientAverager.average`, same factors."""
+        if self.arm.attack == "scale":
+            return delta * 1000.0
+        return torch.randn(delta.shape, generator=self.noise) * (100 * delta.norm() / delta.numel() ** 0.5)
+
     def run_sync(self) -> None:
-        while self.steps_done < self.budget:
+        while self.steps_done < self.budget and not self.diverged:
             compute = max(self.phase(w) * w.step_s for w in self.workers)
             self.clock += compute + self.apply(self.workers)
             self.evaluate()
@@ -309,7 +398,7 @@ class _Lab:
         for i in range(self.k):
             launch(i, 0.0)
         grace = self.arm.grace_s
-        while events:
+        while events and not self.diverged:
             arrivals = [heapq.heappop(events)]
             while grace > 0 and events and events[0][0] <= arrivals[0][0] + grace:
                 arrivals.append(heapq.heappop(events))  # finished within the grace period: same round

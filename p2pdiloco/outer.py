@@ -31,6 +31,9 @@ The optimizers, with ``lr`` and ``mu`` the run's ``outer_lr`` and ``outer_moment
 from __future__ import annotations
 
 import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
@@ -63,6 +66,88 @@ def state_digest(epoch: int, params: torch.Tensor, momentum: torch.Tensor, *extr
     for t in (params, momentum, *extra):
         h.update(t.numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+# An epoch above this is malformed, not ambitious: an outer step a second for 8 million years.
+MAX_EPOCH = 1 << 48
+_HEX = re.compile(r"[0-9a-f]{1,64}")
+_TENSOR_NAMES = ("parameters", "momentum", "delayed Nesterov buffer")
+
+
+@dataclass(frozen=True)
+class StateHeader:
+    """The scalars of a state that :func:`validate_state` accepted."""
+
+    epoch: int
+    pending: int
+    state_hash: str | None  # equal to the tensors' digest; None only if none was given and none required
+
+
+def _count(value: Any) -> bool:
+    # bool is an int to Python, but True is no epoch: a donor sending one is malformed
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> str:
+    """A short repr of a stranger's scalar for an error message; the type for anything else (the repr
+    of a value nested ~1000 deep raises RecursionError, and one of a huge container floods the log)."""
+    if value is None or isinstance(value, (bool, float)) or (isinstance(value, int) and abs(value) < 10**30):
+        return repr(value)
+    if isinstance(value, (str, bytes)):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    return f"(a {type(value).__name__})"
+
+
+def validate_state(
+    meta: Any,
+    tensors: Any,
+    *,
+    fingerprint: str | None,
+    expected_shapes: Sequence[tuple[int, ...]],
+    max_pending: int = 1,
+    require_hash: bool = True,
+) -> StateHeader:
+    """Check a whole outer state received from a donor before anything adopts it.
+
+    ``meta`` is the donor's header as msgpack decoded it and ``tensors`` its tensors as hivemind
+    deserialized them: either can be anything. Accepted only if ``meta`` is a dict with our
+    ``fingerprint`` (unless None: a local checkpoint is checked elsewhere), an ``epoch`` in
+    ``[0, MAX_EPOCH]``, a ``pending`` count in ``[0, max_pending)`` (both ints, not bools), a
+    ``state_hash`` of at most 64 lowercase hex digits (may be absent only if not ``require_hash``),
+    and ``tensors`` is a list of ``len(expected_shapes)`` dense CPU float32 tensors of those shapes
+    that do not require grad (one that does would taint our state with an autograd graph), hold no
+    NaN or Inf, and (with a ``state_hash``) have that digest. Cheap checks come first; the digest,
+    a pass over the whole state, last. Raises :class:`StateDownloadFailed` naming the first problem.
+    """
+    if not isinstance(meta, dict):
+        raise StateDownloadFailed(f"a malformed state header (a {type(meta).__name__}, not a dict)")
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        raise StateDownloadFailed("a state of another run config")
+    epoch, pending, state_hash = meta.get("epoch"), meta.get("pending", 0), meta.get("state_hash")
+    if not _count(epoch) or not 0 <= epoch <= MAX_EPOCH:
+        raise StateDownloadFailed(f"state has an invalid epoch {_show(epoch)}")
+    if not _count(pending) or not 0 <= pending < max(max_pending, 1):
+        raise StateDownloadFailed(f"state has an invalid pending count {_show(pending)}")
+    if state_hash is None and require_hash:
+        raise StateDownloadFailed("state has no digest")
+    if state_hash is not None and not (isinstance(state_hash, str) and len(state_hash) <= 64 and _HEX.fullmatch(state_hash)):
+        raise StateDownloadFailed(f"state has a malformed digest {_show(state_hash)}")
+    names = [_TENSOR_NAMES[i] if i < len(_TENSOR_NAMES) else f"tensor {i}" for i in range(len(expected_shapes))]
+    if not isinstance(tensors, (list, tuple)):
+        raise StateDownloadFailed(f"state tensors come as a {type(tensors).__name__}, not a list")
+    if len(tensors) != len(names):
+        raise StateDownloadFailed(f"state has {len(tensors)} tensors, expected {len(names)} ({', '.join(names)})")
+    for name, shape, t in zip(names, expected_shapes, tensors):
+        if not (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type == "cpu"
+                and t.dtype == torch.float32 and t.shape == tuple(shape)):
+            raise StateDownloadFailed(f"state {name} is not a float32 tensor of shape {tuple(shape)}")
+        if t.requires_grad:
+            raise StateDownloadFailed(f"state {name} requires grad")
+        if not torch.isfinite(t).all():
+            raise StateDownloadFailed(f"state {name} contain NaN or Inf")
+    if state_hash is not None and state_digest(epoch, *tensors, pending=pending) != state_hash:
+        raise StateDownloadFailed("state does not match its digest")
+    return StateHeader(epoch=epoch, pending=pending, state_hash=state_hash)
 
 
 class OuterState:
@@ -164,22 +249,24 @@ class OuterState:
 
     def load(self, epoch: int, tensors, expected_hash: str | None = None, pending: int = 0) -> None:
         """Replace the state with a downloaded one (``tensors`` as :meth:`tensors` lists them), after
-        checking their number, shapes, values and (if given) the digest; a state that fails a check
+        checking them with :meth:`validate` (digest included if given); a state that fails a check
         leaves this one untouched."""
         tensors = list(tensors)
-        names = ["parameters", "momentum", "delayed Nesterov buffer"][: len(self.tensors())]
-        if len(tensors) != len(names):
-            raise StateDownloadFailed(f"state has {len(tensors)} tensors, expected {len(names)} ({', '.join(names)})")
-        if not isinstance(pending, int) or not 0 <= pending < max(self.delay, 1) or (pending and self.buffer is None):
-            raise StateDownloadFailed(f"state has an invalid pending count {pending!r}")
-        for name, t in zip(names, tensors):
-            if not isinstance(t, torch.Tensor) or t.shape != self.params.shape or t.dtype != torch.float32:
-                raise StateDownloadFailed(f"state {name} is not a float32 tensor of shape {tuple(self.params.shape)}")
-            if not torch.isfinite(t).all():
-                raise StateDownloadFailed(f"state {name} contain NaN or Inf")
-        if expected_hash is not None and state_digest(epoch, *tensors, pending=pending) != expected_hash:
-            raise StateDownloadFailed("state does not match its digest")
+        header = self.validate(dict(epoch=epoch, pending=pending, state_hash=expected_hash), tensors, require_hash=False)
+        self.adopt(header, tensors)
+
+    def validate(self, meta: Any, tensors: Any, *, fingerprint: str | None = None, require_hash: bool = True) -> StateHeader:
+        """:func:`validate_state` for a state of this one's layout (number and shape of tensors,
+        and whether a pending count is possible); reads nothing that changes, so no lock needed."""
+        return validate_state(
+            meta, tensors, fingerprint=fingerprint, expected_shapes=[tuple(self.params.shape)] * len(self.tensors()),
+            max_pending=self.delay if self.buffer is not None else 1, require_hash=require_hash,
+        )
+
+    @torch.no_grad()
+    def adopt(self, header: StateHeader, tensors: Sequence[torch.Tensor]) -> None:
+        """Replace the state with ``tensors``, which :meth:`validate` accepted with ``header``."""
         for mine, theirs in zip(self.tensors(), tensors):
             mine.copy_(theirs)
-        self.epoch, self.pending = int(epoch), pending
-        self._state_hash = None
+        self.epoch, self.pending = header.epoch, header.pending
+        self._state_hash = header.state_hash  # verified to be their digest (or None: computed when asked)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from p2pdiloco import checkpoint, console, faults, metrics, nat, pace, supervise, swarm
+from p2pdiloco import auth, checkpoint, console, faults, metrics, nat, pace, supervise, swarm
 from p2pdiloco.averaging import PseudoGradientAverager, RoundResult
 from p2pdiloco.config import Recipe
 from p2pdiloco.errors import AveragingFailed, CheckpointError, OutOfMemory, StateDownloadFailed, is_out_of_memory
@@ -79,6 +79,7 @@ class Peer:
         metrics_file: str | None = None,
         export_dir: str | None = None,
         stop_requested: threading.Event | None = None,
+        secret_file: str | None = None,
     ):
         from p2pdiloco import data
 
@@ -90,6 +91,7 @@ class Peer:
 
             check_outdir(Path(export_dir), force=True)
         metrics.require_packages(peer)  # a switched-on TensorBoard or wandb that is missing fails now, not later
+        self.secret = auth.for_run(run.closed, auth.load_secret(secret_file))  # the file, else $P2PDILOCO_RUN_SECRET
         self.fingerprint = run.fingerprint()
         self.stop_requested = stop_requested or threading.Event()
         self.state_lock = threading.Lock()  # the outer step vs. newcomers downloading the state
@@ -110,6 +112,7 @@ class Peer:
             identity=peer.identity,
             timeout=peer.bootstrap_s,
             nat=network.mode,
+            secret=self.secret,
         )
         self.client_mode = network.mode == "client"  # reduces no slice and serves no state (see p2pdiloco.nat)
         self.peer_id = str(self.dht.peer_id)
@@ -181,6 +184,7 @@ class Peer:
             error_feedback=run.error_feedback,
             client_mode=self.client_mode,
             aggregation=run.aggregation,
+            secret=self.secret,
         )
         # Error feedback: what quantization dropped from our last contribution, sent with the next.
         self.residual = torch.zeros(self.outer.size) if run.error_feedback else None
@@ -417,6 +421,7 @@ class Peer:
                 encode_s=group.encode_s if group else 0.0,
                 decode_s=group.decode_s if group else 0.0,
                 flagged=group.flagged if group else [],
+                banned=sorted(self.banned),
                 val_loss=val_loss,
                 **self._clock_fields(),
             )

@@ -25,10 +25,12 @@ Two guards apply to every robust method:
 
 - weights (tokens) are capped at ``max_weight_ratio`` times the group's median weight, so a
   member cannot claim all the tokens to dominate the mean;
-- members whose part the rule clipped (``norm_bound``, ``centered_clip``) or that lie further
-  from the result than ``clip_ratio`` times the median distance (``trimmed_mean``) are *flagged*.
-  Every reducer tells the group whom it flagged; a peer flagged in ``ban_after`` consecutive
-  rounds is banned for the run (see ``Peer``).
+- members whose part lies further from the result than ``flag_ratio`` times the group's median
+  distance to it are *flagged*, whatever the rule. Clipping starts earlier (``clip_ratio``):
+  an honest member that is merely an outlier on one part (a rare token's embedding rows) loses a
+  little of its pull without being accused, while scaled or random garbage is flagged on every
+  part. Every reducer tells the group whom it flagged on at least half of its parts; a peer
+  flagged in ``ban_after`` consecutive rounds is banned for the run (see ``Peer``).
 
 Robust aggregation needs honest majorities in groups of 3 or more (f < n/2): in a group of two,
 nobody can tell who is the hostile one. It does not make a hostile *reducer* harmless: the
@@ -58,16 +60,14 @@ def cap_weights(weights: torch.Tensor, max_ratio: float) -> torch.Tensor:
 
 def _clip_factors(norms: torch.Tensor, bound: torch.Tensor | float) -> torch.Tensor:
     """Per member: the factor that scales a vector of norm ``norms`` down to at most ``bound``."""
-    return torch.clamp(bound / norms.clamp_min(_EPS), max=1.0)
+    bound = torch.as_tensor(bound, dtype=norms.dtype)
+    return torch.where(norms <= bound, torch.ones_like(norms), bound / norms.clamp_min(_EPS))
 
 
-def norm_bound(parts: torch.Tensor, weights: torch.Tensor, clip_ratio: float) -> tuple[torch.Tensor, list[int]]:
+def norm_bound(parts: torch.Tensor, weights: torch.Tensor, clip_ratio: float) -> torch.Tensor:
     norms = parts.norm(dim=1)
-    bound = clip_ratio * norms.median()
-    factors = _clip_factors(norms, bound)
-    flagged = [i for i in range(len(parts)) if factors[i] < 1.0]
-    scaled = weights * factors
-    return (parts * scaled[:, None]).sum(0) / weights.sum(), flagged
+    factors = _clip_factors(norms, clip_ratio * norms.median())
+    return (parts * (weights * factors)[:, None]).sum(0) / weights.sum()
 
 
 def trim_count(n: int, trim: float) -> int:
@@ -77,15 +77,13 @@ def trim_count(n: int, trim: float) -> int:
     return min(max(1, math.floor(trim * n)), (n - 1) // 2)
 
 
-def trimmed_mean(parts: torch.Tensor, trim: float, clip_ratio: float) -> tuple[torch.Tensor, list[int]]:
+def trimmed_mean(parts: torch.Tensor, trim: float) -> torch.Tensor:
     n = len(parts)
     b = trim_count(n, trim)
-    ordered = parts.sort(dim=0).values
-    result = ordered[b : n - b].mean(0)
-    return result, _far_from(parts, result, clip_ratio)
+    return parts.sort(dim=0).values[b : n - b].mean(0)
 
 
-def centered_clip(parts: torch.Tensor, weights: torch.Tensor, clip_ratio: float, iters: int) -> tuple[torch.Tensor, list[int]]:
+def centered_clip(parts: torch.Tensor, weights: torch.Tensor, clip_ratio: float, iters: int) -> torch.Tensor:
     v = parts.median(dim=0).values  # (lower) coordinate-wise median: a robust start
     tau = clip_ratio * (parts - v).norm(dim=1).median()
     total = weights.sum()
@@ -93,11 +91,11 @@ def centered_clip(parts: torch.Tensor, weights: torch.Tensor, clip_ratio: float,
         diffs = parts - v
         factors = _clip_factors(diffs.norm(dim=1), tau)
         v = v + (diffs * (weights * factors)[:, None]).sum(0) / total
-    distances = (parts - v).norm(dim=1)
-    return v, [i for i in range(len(parts)) if distances[i] > tau]
+    return v
 
 
-def _far_from(parts: torch.Tensor, center: torch.Tensor, ratio: float) -> list[int]:
+def far_from(parts: torch.Tensor, center: torch.Tensor, ratio: float) -> list[int]:
+    """Members further from ``center`` than ``ratio`` x the median distance (the flag rule)."""
     distances = (parts - center).norm(dim=1)
     limit = ratio * distances.median()
     return [i for i in range(len(parts)) if distances[i] > limit and distances[i] > _EPS]
@@ -112,6 +110,7 @@ def aggregate(
     trim: float = 0.25,
     clip_iters: int = 3,
     max_weight_ratio: float = 2.0,
+    flag_ratio: float = 5.0,
 ) -> tuple[torch.Tensor, list[int]]:
     """Combine the members' ``parts`` (same-shape fp32 tensors) with ``weights``.
 
@@ -126,13 +125,15 @@ def aggregate(
     shape = parts[0].shape
     stacked = torch.stack([p.reshape(-1).float() for p in parts])
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
-    if method == "mean" or len(parts) == 1:
+    if len(parts) == 1:
+        return stacked[0].reshape(shape).clone(), []
+    if method == "mean":
         return ((stacked * w[:, None]).sum(0) / w.sum()).reshape(shape), []
     w = cap_weights(w, max_weight_ratio)
     if method == "norm_bound":
-        result, flagged = norm_bound(stacked, w, clip_ratio)
+        result = norm_bound(stacked, w, clip_ratio)
     elif method == "trimmed_mean":
-        result, flagged = trimmed_mean(stacked, trim, clip_ratio)
+        result = trimmed_mean(stacked, trim)
     else:
-        result, flagged = centered_clip(stacked, w, clip_ratio, clip_iters)
-    return result.reshape(shape), flagged
+        result = centered_clip(stacked, w, clip_ratio, clip_iters)
+    return result.reshape(shape), far_from(stacked, result, flag_ratio)

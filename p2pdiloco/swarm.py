@@ -91,6 +91,89 @@ def validate_multiaddrs(addrs: Sequence[str]) -> list[str]:
     return out
 
 
+MAX_EXT_NESTING = 32  # msgpack ext values (tuples, hivemind's records) inside one another
+
+
+def bound_msgpack_nesting() -> None:
+    """Make hivemind's ``MSGPackSerializer.loads`` refuse ext values nested more than
+    ``MAX_EXT_NESTING`` deep with a ``ValueError``, in this process and those it forks after.
+
+    Why: hivemind decodes a tuple (and its own ext types) by calling ``msgpack.unpackb`` again
+    from inside ``unpackb``, and each level puts msgpack's ~40 KB decoding context on the C
+    stack. About 150 tuples in tuples (under 1 KB, from any stranger: a DHT value or subkey, a
+    group's gathered metadata, a state header) overflow an 8 MB stack and the process dies of
+    SIGSEGV; no Python limit applies. ``bench/fuzz.py``'s ``progress_bytes`` target found it.
+    A ValueError is what hivemind already gets for any undecodable bytes. Idempotent.
+    """
+    import threading
+
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    if getattr(MSGPackSerializer, "_p2pdiloco_bounded", False):
+        return
+    decode = MSGPackSerializer._decode_ext_types.__func__
+    depth = threading.local()  # loads runs in several threads of the DHT and averager processes
+
+    def bounded(cls, type_code: int, data: bytes):
+        level = getattr(depth, "level", 0)
+        if level >= MAX_EXT_NESTING:
+            raise ValueError(f"msgpack ext values nested deeper than {MAX_EXT_NESTING}")
+        depth.level = level + 1
+        try:
+            return decode(cls, type_code, data)
+        finally:
+            depth.level = level
+
+    MSGPackSerializer._decode_ext_types = classmethod(bounded)
+    MSGPackSerializer._p2pdiloco_bounded = True
+
+
+def tolerate_undecodable_subkeys() -> None:
+    """Make a DHT read drop the one subkey whose value cannot be decoded, not the whole key.
+
+    Why: hivemind's ``_SearchState.finish_search`` decodes every subkey's value of a dictionary
+    record with no ``try``; when one raises, the search's future is never set, so a single bad
+    value from any stranger (stored under its own subkey of ``{run}_progress``) makes every
+    peer's read of the whole key time out until that value expires: a cheap denial of service
+    found by ``bench/fuzz.py``. On failure this decodes the subkeys one by one and keeps those
+    that decode (a regular value that does not decode reads as absent). Idempotent.
+    """
+    from hivemind.dht.node import _SearchState
+    from hivemind.dht.storage import DictionaryDHTValue
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils import ValueWithExpiration
+
+    if getattr(_SearchState, "_p2pdiloco_tolerant", False):
+        return
+    finish = _SearchState.finish_search
+
+    def decode(state, subkey, value_bytes, expiration):
+        if state.record_validator is not None:
+            record = DHTRecord(state.key_id.to_bytes(), state.serializer.dumps(subkey), value_bytes, expiration)
+            value_bytes = state.record_validator.strip_value(record)
+        return ValueWithExpiration(state.serializer.loads(value_bytes), expiration)
+
+    def finish_search(state):
+        try:
+            return finish(state)
+        except Exception:
+            if state.future.done():
+                return
+        if not isinstance(state.binary_value, DictionaryDHTValue):
+            state.future.set_result(None)
+            return
+        kept = {}
+        for subkey, (value_bytes, expiration) in state.binary_value.items():
+            try:
+                kept[subkey] = decode(state, subkey, value_bytes, expiration)
+            except Exception:
+                log.debug("dropped an undecodable DHT value under one subkey of %s", state.key_id)
+        state.future.set_result(ValueWithExpiration(kept, state.expiration_time))
+
+    _SearchState.finish_search = finish_search
+    _SearchState._p2pdiloco_tolerant = True
+
+
 def start_dht(
     initial_peers: Sequence[str] = (),
     *,
@@ -101,6 +184,7 @@ def start_dht(
     client_mode: bool = False,
     timeout: float = 30.0,
     nat: str | None = None,
+    secret=None,
 ):
     """Start a hivemind DHT (a child process plus the ``p2pd`` daemon) and wait until it is ready.
 
@@ -108,6 +192,8 @@ def start_dht(
     resolve ``auto`` first with :func:`p2pdiloco.nat.resolve`). None keeps the callers that do not
     choose on ``local`` (``public`` when ``public_host`` is given), so loopback runs and tests never
     probe a gateway, a relay or AutoNAT. ``client_mode`` forces a client DHT (``status``).
+    ``secret``: a closed run's :class:`~p2pdiloco.auth.RunSecret`: this node MACs the records it
+    stores and drops every record without a valid MAC (see :mod:`p2pdiloco.auth`).
 
     Raises :class:`SwarmError` with the cause and the fix when the port is taken, the identity
     is in use, or none of ``initial_peers`` can be reached within ``timeout`` seconds.
@@ -116,6 +202,8 @@ def start_dht(
 
     from p2pdiloco import nat as nat_modes
 
+    bound_msgpack_nesting()  # before the DHT (and later the averager) forks: both decode strangers' bytes
+    tolerate_undecodable_subkeys()
     initial_peers = validate_multiaddrs(initial_peers)
     kwargs: dict[str, Any] = dict(host_maddrs=[f"/ip4/{host}/tcp/{port}"])
     kwargs.update(nat_modes.dht_options(nat or ("public" if public_host else "local")))
@@ -126,6 +214,8 @@ def start_dht(
         kwargs["announce_maddrs"] = [f"/ip4/{public_host}/tcp/{port}"]
     if identity:
         kwargs["identity_path"] = identity
+    if secret is not None:
+        kwargs["record_validators"] = [secret.validator()]
     dht = hivemind.DHT(initial_peers=initial_peers or None, start=False, **kwargs)
     try:
         dht.run_in_background(await_ready=True, timeout=timeout)
@@ -204,14 +294,24 @@ def read_progress(dht, run: str, timeout: float = 10.0, include_leaving: bool = 
         return {}
     records = {}
     for subkey, item in found.value.items():
-        try:
-            record = Progress.model_validate(item.value)
-        except (ValidationError, AttributeError, TypeError):
-            log.debug("dropped a malformed progress record under %r", subkey)
-            continue
-        if str(subkey) == record.peer and (include_leaving or not record.leaving):
+        record = parse_progress(subkey, getattr(item, "value", None))
+        if record is not None and (include_leaving or not record.leaving):
             records[record.peer] = record
     return records
+
+
+def parse_progress(subkey: Any, value: Any) -> Progress | None:
+    """The :class:`Progress` record a stranger stored under ``subkey`` of ``{run}_progress`` (both
+    as the DHT deserialized them: any msgpack value), or None if it is malformed or names another
+    peer than its subkey. Never raises: one bad record must not hide the others."""
+    try:
+        record = Progress.model_validate(value)
+    except (ValidationError, AttributeError, TypeError):
+        log.debug("dropped a malformed progress record under %.80r", subkey)
+        return None
+    # Only a str can name a peer: a subkey is any hashable msgpack value, and str() of a stranger's
+    # bytes or deeply nested tuple is at best a false match and at worst a RecursionError.
+    return record if isinstance(subkey, str) and subkey == record.peer else None
 
 
 def publish_progress(dht, run: str, record: Progress, ttl: float, timeout: float | None = None) -> None:
@@ -235,24 +335,44 @@ def check_fingerprint(dht, run: str, fingerprint: str, canonical: dict, ttl: flo
     """Refuse to join a run whose published config differs from ours; publish ours otherwise.
 
     Returns True if the run's config was already published (the run exists), False if this peer
-    is the first. Raises :class:`ConfigMismatch` listing the differing keys.
+    is the first. Raises :class:`ConfigMismatch` listing the differing keys (:func:`config_mismatch`).
     """
-    from p2pdiloco.config import diff_keys
-
     try:
         found = dht.get(config_key(run), latest=True, return_future=True).result(timeout=timeout)
     except Exception as e:
         raise SwarmError(f"could not read run '{run}' from the DHT within {timeout:.0f} s ({e!r}): check --peers") from None
     existing = found.value if found is not None and isinstance(found.value, dict) else None
-    if existing and existing.get("fingerprint") != fingerprint:
-        theirs = existing.get("config") if isinstance(existing.get("config"), dict) else {}
-        diffs = diff_keys(canonical, theirs) or ["(the published config could not be read)"]
-        raise ConfigMismatch(
-            f"this config (fingerprint {fingerprint}) differs from run '{run}' (fingerprint "
-            f"{existing.get('fingerprint')}) in: {'; '.join(diffs[:8])}: use the run's recipe, or another run.name"
-        )
+    mismatch = config_mismatch(existing, run=run, fingerprint=fingerprint, canonical=canonical)
+    if mismatch is not None:
+        raise ConfigMismatch(mismatch)
     publish_config(dht, run, fingerprint, canonical, ttl).result(timeout=timeout)  # so a peer starting next sees it
     return existing is not None
+
+
+def config_mismatch(published: Any, *, run: str, fingerprint: str, canonical: dict) -> str | None:
+    """Why this peer (``fingerprint``, ``canonical``) may not join run ``run`` whose ``{run}_config``
+    record holds ``published`` (any msgpack value, from a stranger), or None if it may: the record
+    is absent, empty, not a dict, or has our fingerprint. Never raises."""
+    from p2pdiloco.config import diff_keys
+
+    if not (isinstance(published, dict) and published) or published.get("fingerprint") == fingerprint:
+        return None
+    theirs = published.get("config") if isinstance(published.get("config"), dict) else {}
+    try:
+        diffs = diff_keys(canonical, theirs)
+    except (TypeError, RecursionError):
+        # msgpack map keys may be bytes, which diff_keys cannot sort among our str keys (TypeError),
+        # and the repr of a value nested ~1000 deep exceeds the recursion limit: neither is a config.
+        diffs = []
+    diffs = [d if len(d) <= 200 else d[:197] + "..." for d in diffs[:8]] or ["(the published config could not be read)"]
+    # A stranger's fingerprint is shown only if it is a short str: str() of anything else can be
+    # huge or (nested ~1000 deep) raise RecursionError.
+    shown = published.get("fingerprint")
+    shown = shown if isinstance(shown, str) and len(shown) <= 64 else "missing" if shown is None else "unreadable"
+    return (
+        f"this config (fingerprint {fingerprint}) differs from run '{run}' (fingerprint "
+        f"{shown}) in: {'; '.join(diffs)}: use the run's recipe, or another run.name"
+    )
 
 
 def publish_config(dht, run: str, fingerprint: str, canonical: dict, ttl: float):

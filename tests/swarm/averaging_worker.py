@@ -11,6 +11,11 @@ other; ``AVG_AGGREGATION`` names the reducers' rule (``mean``); ``AVG_CORRELATED
 worker weight 1 and a vector ``common + 0.3 noise`` (pseudo-gradients of one swarm point the same
 way), so an honest average exists to compare a robust one with. ``P2PDILOCO_FAULT`` makes a
 worker hostile (``send:scale@1``).
+
+Closed runs: ``AVG_SECRET`` is the run secret of a member. ``AVG_OUTSIDER=1`` makes the worker an
+outsider that knows p2pdiloco's formats but not the secret: its DHT strips the members' record
+MACs without checking them (so it sees their matchmaking declarations) and signs its own with
+zeros, and its metadata carries a forged membership proof.
 """
 
 import logging
@@ -20,13 +25,42 @@ import time
 from pathlib import Path
 
 import torch
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
-from p2pdiloco import swarm
+from p2pdiloco import auth, swarm
 from p2pdiloco.averaging import PseudoGradientAverager
 from p2pdiloco.config import AggregationConfig, AveragingConfig
 from p2pdiloco.errors import AveragingFailed
 
 SIZE = 2_200_000  # at least 3 parts of ~512 KB with every codec, so every member reduces a slice
+
+
+class Forger(RecordValidatorBase):
+    """An outsider's validator: reads members' records by dropping their MAC unchecked, and
+    "signs" its own with zeros (auth.RecordMAC's layout, a wrong MAC)."""
+
+    SUFFIX = len(auth._MAC_MAGIC) + 32
+
+    def validate(self, record: DHTRecord) -> bool:
+        return True
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        return record.value + auth._MAC_MAGIC + bytes(32)
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        value = record.value
+        return value[: -self.SUFFIX] if value[-self.SUFFIX : -32] == auth._MAC_MAGIC else value
+
+    @property
+    def priority(self) -> int:
+        return 1000
+
+
+class OutsiderDHTSecret:
+    """Stands in for a RunSecret in swarm.start_dht: hands it the forging validator."""
+
+    def validator(self):
+        return Forger()
 
 
 def main() -> None:
@@ -39,7 +73,9 @@ def main() -> None:
     aggregation = AggregationConfig(method=os.environ.get("AVG_AGGREGATION", "mean"))
     correlated = os.environ.get("AVG_CORRELATED") == "1"
     attempts = int(os.environ.get("AVG_ATTEMPTS", "1"))  # a peer's loop retries a failed round
-    dht = swarm.start_dht(peers)
+    outsider = os.environ.get("AVG_OUTSIDER") == "1"
+    secret = auth.RunSecret(os.environ["AVG_SECRET"].encode()) if os.environ.get("AVG_SECRET") and not outsider else None
+    dht = swarm.start_dht(peers, secret=OutsiderDHTSecret() if outsider else secret)
     print(swarm.maddrs_of(dht)[0], flush=True)
     # Generous limits: CI machines are shared, and this test checks the protocol, not the timeouts
     # (a round that times out here would fail the test on a slow machine, not on a broken protocol).
@@ -47,6 +83,7 @@ def main() -> None:
     avg = PseudoGradientAverager(
         dht, SIZE, prefix="avgtest", cfg=cfg, compression=compression, target_group_size=4, min_group_size=3,
         state_fn=lambda: ({}, []), error_feedback=compression != "none", aggregation=aggregation,
+        secret=secret,
     )
     # Barrier: start the round only once all three averagers are up, however slow the machine.
     ready = Path(out).with_suffix(".ready")
@@ -64,7 +101,8 @@ def main() -> None:
     try:
         for attempt in range(attempts):
             try:
-                result = avg.average(vector, epoch=7, state_hash="same", weight=weight, gather={"rank": rank},
+                forged = {"member": os.urandom(auth.TOKEN_BYTES)} if outsider else {}
+                result = avg.average(vector, epoch=7, state_hash="same", weight=weight, gather={"rank": rank, **forged},
                                      expected_size=workers - len(avg.banned()))
                 break
             except AveragingFailed as e:

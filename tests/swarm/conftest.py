@@ -143,17 +143,20 @@ AVERAGING_WORKER = Path(__file__).with_name("averaging_worker.py")
 
 
 def run_averaging_workers(tmp_path, count: int, compression: str = "none", env: dict | None = None,
-                          hostile: dict[int, str] | None = None) -> list[dict]:
+                          hostile: dict[int, str] | None = None, env_of: dict[int, dict] | None = None) -> list[dict]:
     """Run ``count`` averaging_worker.py processes as one group (rank -> P2PDILOCO_FAULT in
-    ``hostile``; ``env`` shapes the group, see the worker), wait for all, load their records."""
+    ``hostile``; ``env`` shapes the group, ``env_of`` one worker, see the worker), wait for all,
+    load their records. Each worker's stderr goes to ``avgN.log`` in ``tmp_path``."""
     outs = [tmp_path / f"avg{i}.pt" for i in range(count)]
     base = dict(os.environ, AVG_WORKERS=str(count), **(env or {}))
     base.pop("P2PDILOCO_FAULT", None)
 
     def start(i, *peers, **kw):
         fault = {"P2PDILOCO_FAULT": hostile[i]} if hostile and i in hostile else {}
-        return subprocess.Popen([sys.executable, str(AVERAGING_WORKER), str(outs[i]), str(i), compression, *peers],
-                                env=dict(base, **fault), start_new_session=True, **kw)
+        with open(tmp_path / f"avg{i}.log", "w") as log:
+            return subprocess.Popen([sys.executable, str(AVERAGING_WORKER), str(outs[i]), str(i), compression, *peers],
+                                    env=dict(base, **fault, **(env_of or {}).get(i, {})), start_new_session=True,
+                                    stderr=log, **kw)
 
     procs = [start(0, stdout=subprocess.PIPE, text=True)]
     try:
