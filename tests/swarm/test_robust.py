@@ -49,7 +49,8 @@ def test_one_hostile_peer_of_four_moves_the_robust_average_only_within_its_bound
 @pytest.mark.parametrize("fault", ["send:inf@1", "part:truncate@1"])
 def test_non_finite_or_wrong_shaped_parts_are_rejected_and_cost_the_sender_its_place(tmp_path, fault):
     # Honest peers may retry (a peer's loop does); the refused sender's retries would only find no group.
-    results = run_averaging_workers(tmp_path, 4, env={"AVG_CORRELATED": "1", "AVG_ATTEMPTS": "3"}, hostile={3: fault},
+    results = run_averaging_workers(tmp_path, 4, env={"AVG_CORRELATED": "1", "AVG_ATTEMPTS": "3",
+                                                                      "AVG_MATCHMAKING_S": "4"}, hostile={3: fault},
                                     env_of={3: {"AVG_ATTEMPTS": "1"}})
     honest, hostile = results[:3], results[3]
     assert not [r["error"] for r in honest if "error" in r], "an honest peer ended without an average"
