@@ -381,6 +381,8 @@ class _Averager(DecentralizedAverager):
         self._aggregation = aggregation
         self._secret = secret  # closed run: only peers proving membership (see p2pdiloco.auth)
         self._members: set[PeerID] = set()  # proofs already checked (they never expire)
+        self._refused_downloads: set[PeerID] = set()  # logged once each
+        self._request_s = float(kwargs.get("request_timeout") or 3.0)  # bounds our own DHT reads
         self._last_flagged: list[str] = []  # members flagged in the last round, for the host to take
         super().__init__(tensors, *args, compression=codec, **kwargs)
 
@@ -423,7 +425,9 @@ class _Averager(DecentralizedAverager):
         if self._secret is None or peer_id in self._members:
             return True
         try:
-            found = await self.dht.get(f"{self.prefix}.members", latest=True, return_future=True)
+            found = await asyncio.wait_for(
+                self.dht.get(f"{self.prefix}.members", latest=True, return_future=True), timeout=self._request_s
+            )
             entry = found.value.get(peer_id.to_base58()) if found is not None and isinstance(found.value, dict) else None
         except Exception as e:
             log.debug("could not read the membership proofs: %r", e)
@@ -470,9 +474,12 @@ class _Averager(DecentralizedAverager):
         self, request: averaging_pb2.DownloadRequest, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
         """Serve the state to members only (closed runs); an empty answer means "ask another donor"."""
-        if context.remote_id in self._banned or not await self._published_member(context.remote_id):
-            if context.remote_id not in self._banned:
-                self._refuse_outsider(context.remote_id, "state download")
+        peer = context.remote_id
+        if peer in self._banned or not await self._published_member(peer):
+            # Refused, not banned: a newcomer's proof may not have reached our DHT view yet.
+            if peer not in self._banned and peer not in self._refused_downloads:
+                self._refused_downloads.add(peer)
+                log.warning("closed run: refused the state to %s, which published no valid membership proof", peer)
             return
         async for message in super().rpc_download_state(request, context):
             yield message
