@@ -522,7 +522,8 @@ class Peer:
         while True:
             others = self._live_others()
             if others is not None and (
-                any(r.epoch > self.outer.epoch for r in others.values()) or self._winning_state(others) != self.outer.state_hash
+                any(r.epoch > self.outer.epoch for r in others.values())
+                or self._winning_state(others) not in (None, self.outer.state_hash)
             ):
                 return "behind"  # ahead of us, or the same epoch on another fork that wins: download it
             if grace_from is None and others and any(
@@ -554,8 +555,10 @@ class Peer:
         if epoch < self.outer.epoch:
             return
         target_hash = self._winning_state(others, epoch)
-        if epoch == self.outer.epoch and target_hash == self.outer.state_hash:
-            return
+        if epoch == self.outer.epoch and target_hash in (None, self.outer.state_hash):
+            return  # ours wins, or peers still behind could change the outcome: judge it later
+        if target_hash is None:  # ahead of us, not settled yet: the leading state, judged again there
+            target_hash = self._winning_state(others, epoch, settled=False)
         donors = sorted(p for p, r in others.items() if r.epoch == epoch and r.state_hash == target_hash)
         reason = "behind" if epoch > self.outer.epoch else "fork"
         log.info("epoch %d, swarm at %d (%s): downloading the state from %d peer(s)", self.outer.epoch, epoch, reason, len(donors))
@@ -569,17 +572,24 @@ class Peer:
             log.info("epoch %d, no live peer, a backup at %d: downloading it", self.outer.epoch, epoch)
             self._download_state(sorted(p for p, r in ahead.items() if r.epoch == epoch), min_epoch=epoch, reason="backup")
 
-    def _winning_state(self, others: dict[str, swarm.Progress], epoch: int | None = None) -> str:
+    def _winning_state(self, others: dict[str, swarm.Progress], epoch: int | None = None, settled: bool = True) -> str | None:
         """The state digest the swarm converges on at ``epoch`` (default: ours).
 
         Two groups at one epoch apply different averages (a fork). The rule, applied by every peer
         to the same records: the digest held by the most peers wins; a tie goes to the smallest.
+        Peers still behind ``epoch`` may be finishing a round at it with yet another digest, so
+        with ``settled`` the answer is None until the outcome no longer depends on where they land:
+        two peers judging from such partial views once downloaded each other's branch, keeping the
+        fork alive another epoch.
         """
         epoch = self.outer.epoch if epoch is None else epoch
         hashes = Counter(r.state_hash for r in others.values() if r.epoch == epoch)
         if epoch == self.outer.epoch:
             hashes[self.outer.state_hash] += 1
-        return min(hashes, key=lambda h: (-hashes[h], h))
+        winner = min(hashes, key=lambda h: (-hashes[h], h))
+        if settled and not swarm.fork_settled(hashes, winner, pending=sum(r.epoch < epoch for r in others.values())):
+            return None
+        return winner
 
     def _download_state(self, donors: list[str], min_epoch: int, reason: str) -> None:
         """Catch up from one of ``donors`` (``reason`` goes into the record); the console shows it."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -65,6 +65,20 @@ class Progress(BaseModel):
     # go by still sees every round; and the bytes it sent in all its rounds since it started.
     rounds: list[RoundStat] = Field(default_factory=list, max_length=RECENT_ROUNDS)
     bytes_sent_total: int = Field(0, ge=0)
+
+
+def fork_settled(counts: Mapping[str, int], winner: str, pending: int) -> bool:
+    """Whether ``winner`` (most peers; ties to the smallest digest) stays the winner of a fork
+    whatever digests the ``pending`` peers still behind the epoch arrive with.
+
+    The worst case for the winner is all of them joining its strongest rival, or all holding one
+    digest not seen yet (which, being unknown, might also win a tie).
+    """
+    mine = counts.get(winner, 0)
+    for digest, count in counts.items():
+        if digest != winner and (count + pending > mine or (count + pending == mine and digest < winner)):
+            return False
+    return pending < mine
 
 
 def progress_key(run: str) -> str:
