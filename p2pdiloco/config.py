@@ -137,8 +137,8 @@ class AggregationConfig(_Strict):
         "of the median distance to the coordinate-wise median",
     )
     flag_ratio: float = Field(
-        5.0, ge=1, description="robust methods: a member further from the result than this times the median distance is "
-        "flagged on that part (named in the metrics; see ban_after)",
+        5.0, ge=1, description="robust methods: a member further from the result than this times the group's scale (the "
+        "larger of the median distance and the median part norm) is flagged on that part (named in the metrics; see ban_after)",
     )
     trim: float = Field(0.25, ge=0, lt=0.5, description="trimmed_mean: share of values dropped at each end (at least 1 in groups of 3+)")
     clip_iters: int = Field(3, ge=1, le=50, description="centered_clip: iterations")

@@ -25,8 +25,9 @@ Two guards apply to every robust method:
 
 - weights (tokens) are capped at ``max_weight_ratio`` times the group's median weight, so a
   member cannot claim all the tokens to dominate the mean;
-- members whose part lies further from the result than ``flag_ratio`` times the group's median
-  distance to it are *flagged*, whatever the rule. Clipping starts earlier (``clip_ratio``):
+- members whose part lies further from the result than ``flag_ratio`` times the group's scale
+  (the larger of the median distance to the result and the median part norm) are *flagged*,
+  whatever the rule. Clipping starts earlier (``clip_ratio``):
   an honest member that is merely an outlier on one part (a rare token's embedding rows) loses a
   little of its pull without being accused, while scaled or random garbage is flagged on every
   part. Every reducer tells the group whom it flagged on at least half of its parts; a peer
@@ -95,9 +96,16 @@ def centered_clip(parts: torch.Tensor, weights: torch.Tensor, clip_ratio: float,
 
 
 def far_from(parts: torch.Tensor, center: torch.Tensor, ratio: float) -> list[int]:
-    """Members further from ``center`` than ``ratio`` x the median distance (the flag rule)."""
+    """Members further from ``center`` than ``ratio`` x the group's scale (the flag rule).
+
+    The scale is the larger of the median distance to ``center`` and the median part norm. The
+    distance alone fails exactly when the swarm is healthiest: early in training every honest
+    pseudo-gradient points the same way, the median distance is a few percent of the norm, and a
+    peer that merely ran half the inner steps lies ten median distances away. Garbage worth
+    flagging (scaled, random, negated) is many *norms* away, so the floor costs no detection.
+    """
     distances = (parts - center).norm(dim=1)
-    limit = ratio * distances.median()
+    limit = ratio * torch.maximum(distances.median(), parts.norm(dim=1).median())
     return [i for i in range(len(parts)) if distances[i] > limit and distances[i] > _EPS]
 
 

@@ -87,3 +87,19 @@ def test_edge_cases():
         assert torch.isfinite(result).all() and not flagged
     with pytest.raises(ValueError, match="unknown aggregation method"):
         robust.aggregate(single, [1.0], "median")
+
+
+@pytest.mark.parametrize("method", ["norm_bound", "trimmed_mean", "centered_clip"])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_an_honest_peer_with_fewer_steps_is_not_flagged_when_the_others_agree_closely(method, n):
+    """Early in training every peer's pseudo-gradient points the same way, so the median distance
+    to the result is tiny; a peer that ran half the inner steps (a slower machine, a newcomer) is
+    then many median distances away while being perfectly honest. Found by the ban swarm test."""
+    g = torch.Generator().manual_seed(3)
+    common = torch.randn(4096, generator=g)
+    parts = [common + 0.02 * torch.randn(4096, generator=g) for _ in range(n - 1)]
+    parts.append(0.5 * common + 0.02 * torch.randn(4096, generator=g))
+    _, flagged = robust.aggregate(parts, [1.0] * n, method)
+    assert flagged == []
+    _, flagged = robust.aggregate([*parts, 1000 * parts[0]], [1.0] * (n + 1), method)
+    assert flagged == [n], "a scaled part is still flagged next to them"
