@@ -3,6 +3,7 @@ get in (and the secret never shows in any log or metrics file); in an open run w
 a hostile peer is bounded, named in the metrics and banned."""
 
 import subprocess
+import statistics
 
 import pytest
 
@@ -63,6 +64,12 @@ def test_a_peer_of_a_closed_run_without_the_secret_stops_with_the_fix(tmp_path):
     assert "--secret-file" in done.stderr and "P2PDILOCO_RUN_SECRET" in done.stderr, done.stderr[-500:]
 
 
+def _tokens_at(swarm, peer: str, epoch: int) -> int | None:
+    """The tokens ``peer`` brought to its round that applied ``epoch`` (None: no such record)."""
+    found = [r["tokens"] for r in swarm.metrics_of(peer) if r.get("event") == "outer_step" and r["epoch"] == epoch]
+    return found[0] if found else None
+
+
 def _longest_streak(records: list[dict], peer: str) -> int:
     """The most consecutive rounds of this peer's in which ``peer`` was in the group and flagged,
     counted conservatively (any other round or a download ends a run): at most the peer's own streak."""
@@ -91,7 +98,19 @@ def test_an_open_run_with_a_robust_rule_bans_a_peer_that_keeps_sending_scaled_up
     with_hostile = [r for r in rounds if hostile_id in r["group"]]
     assert hostile_id and len(with_hostile) >= 2, "the hostile peer never took part: the test proves nothing"
     assert all(hostile_id in r["flagged"] for r in with_hostile if len(r["group"]) >= 3), "norm_bound must flag it"
-    assert all(not set(r["flagged"]) - {hostile_id} for r in rounds), "an honest peer was flagged"
+    # An honest peer may be flagged in a round where it brought several times the group's median
+    # work (the first peer trains on while the others start: one round, then it is in step); one
+    # flag accuses nobody, bans take ban_after consecutive ones. Any other flag of it is a false one.
+    for r in rounds:
+        for peer in set(r["flagged"]) - {hostile_id}:
+            tokens = {m: _tokens_at(swarm, m, r["epoch"]) for m in r["group"]}
+            known = [t for t in tokens.values() if t is not None]
+            assert tokens[peer] is not None and tokens[peer] >= 3 * statistics.median_low(known), (
+                f"an honest peer was flagged at epoch {r['epoch']} for no more work than the others: {tokens}")
+    honest_ids = {swarm.metrics(i)[0]["peer"] for i in honest}
+    for i in honest:
+        assert all(_longest_streak(swarm.metrics(i), p) < 2 for p in honest_ids), "an honest peer was flagged in 2 rounds running"
+        assert not set(swarm.metrics(i)[-1].get("banned", [])) & honest_ids, "an honest peer was banned"
     # Banned by every honest peer that averaged with it in 2 consecutive rounds (ban_after): a peer
     # that was downloading during one of them has seen it once only, and keeps judging.
     last = [swarm.metrics(i)[-1] for i in honest]
