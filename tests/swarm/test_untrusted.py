@@ -84,8 +84,10 @@ def _longest_streak(records: list[dict], peer: str) -> int:
 
 
 def test_an_open_run_with_a_robust_rule_bans_a_peer_that_keeps_sending_scaled_updates(tmp_path, data_cache):
+    # Groups of 3 or more: in a pair nobody can tell who is hostile (and two pairs at one epoch fork,
+    # so the pair with the hostile peer would lose its rounds to downloads and prove nothing).
     swarm = LocalSwarm(tmp_path / "swarm", data_cache, overrides=["run.aggregation.method=norm_bound",
-                                                                   "run.aggregation.ban_after=2"])
+                                                                   "run.aggregation.ban_after=2", "run.min_group_size=3"])
     try:
         honest = [swarm.add_peer(6) for _ in range(3)]
         hostile = swarm.add_peer(6, fault="send:scale@1+")  # 1000 x its pseudo-gradient, every round
