@@ -95,14 +95,14 @@ def _consistent_average(codec: codecs.Codec, deltas: list[torch.Tensor], weights
 
 
 def lab_run(config: str, codec_name: str, seed: int, peers: int, epochs: int, error_feedback: bool, cache: str) -> dict:
-    from p2pdiloco import data, inner, model
+    from p2pdiloco import corpus, data, inner, model
     from p2pdiloco.config import load_recipe
     from p2pdiloco.outer import OuterState, flatten_parameters, load_flat_parameters
 
     recipe = load_recipe(config, [f"run.seed={seed}", f"run.model.init_seed={seed}"])
     run = recipe.run
     cache_dir = Path(cache).expanduser()
-    data.prepare(run.data, run.model.vocab_size, cache_dir)
+    corpus.prepare(run.data, run.model.vocab_size, cache_dir)
     device = torch.device("cpu")
     workers = []
     for i in range(peers):

@@ -40,7 +40,7 @@ Targets (``TARGETS``):
     ``{run}_progress``); it drops a malformed record (returns None) and raises nothing.
 ``progress_bytes``
     The same from raw bytes: hivemind's ``MSGPackSerializer.loads``, as the DHT decodes each
-    value, then ``parse_progress``; with ``swarm.bound_msgpack_nesting`` installed, as in every
+    value, then ``parse_progress``; with ``dht.bound_msgpack_nesting`` installed, as in every
     peer (without it, ext values nested ~150 deep segfault the process). Rejection:
     ``ValueUnreadable``, standing for whatever ``loads`` raises; hivemind's DHT catches nothing
     there, so a value that does not deserialize makes the whole key's ``dht.get`` fail, which
@@ -520,7 +520,7 @@ def _progress_bytes_target(blobs: tuple[bytes, bytes]):
 
 
 def _register_progress() -> None:
-    from p2pdiloco.swarm import bound_msgpack_nesting
+    from p2pdiloco.dht import bound_msgpack_nesting
 
     bound_msgpack_nesting()  # as start_dht does in every peer before its DHT and averager fork
     register("progress_records", progress_items(), (Dropped,), "swarm.parse_progress on any msgpack subkey and value")(_progress_target)
@@ -773,7 +773,7 @@ def gathered_entries(draw) -> bytes:
 
 
 def _gathered_target(raw: bytes):
-    from p2pdiloco.averaging import decode_gather
+    from p2pdiloco.averaging.wire import decode_gather
 
     user = decode_gather(raw, _serializer())
     if not (isinstance(user, dict) and type(user.get("epoch")) is int and isinstance(user.get("state_hash"), str)):
@@ -803,7 +803,7 @@ def reducer_notes(draw) -> bytes:
 
 
 def _note_target(note: bytes):
-    from p2pdiloco.averaging import parse_reducer_note
+    from p2pdiloco.averaging.wire import parse_reducer_note
 
     members = _peer_ids()
     excluded, flagged = parse_reducer_note(note, members, members[0])
@@ -888,9 +888,9 @@ def _records_target(case):
 
 
 def _register_network_auth() -> None:
-    register("gathered", gathered_entries(), (ValueError,), "averaging.decode_gather on one member's matchmaking metadata")(
+    register("gathered", gathered_entries(), (ValueError,), "averaging.wire.decode_gather on one member's matchmaking metadata")(
         _gathered_target)
-    register("reducer_note", reducer_notes(), (LookupError,), "averaging.parse_reducer_note on a reducer's note field")(_note_target)
+    register("reducer_note", reducer_notes(), (LookupError,), "averaging.wire.parse_reducer_note on a reducer's note field")(_note_target)
     register("membership", membership_claims(), (PermissionError,), "auth.RunSecret.verify on a claimed proof")(
         _membership_target)
     register("signed_records", signed_records(), (PermissionError,), "auth.RecordMAC on a stored or altered record")(

@@ -382,7 +382,7 @@ def speed_targets(rows: dict[str, dict]) -> dict:
 def run_in_namespaces(config: str, *, overrides: list[str], speeds_: list[float], epochs: int, out: Path, rate_bps: float,
                       delay_s: float, timeout: float | None) -> dict:
     """``run_simulation``, but each peer in its own namespace of the WAN emulator (bench/wan.py)."""
-    from p2pdiloco import data
+    from p2pdiloco import corpus
     from wan import SUBNET, wan_namespaces
 
     recipe = load_recipe(config, overrides)  # fail fast on a bad config, before starting anything
@@ -392,7 +392,7 @@ def run_in_namespaces(config: str, *, overrides: list[str], speeds_: list[float]
     for stale in [*out.glob("peer*.jsonl"), *out.glob("*.log"), out / "summary.json"]:
         stale.unlink(missing_ok=True)
     print(f"preparing data and tokenizer for '{recipe.run.name}' ...", flush=True)
-    data.prepare(recipe.run.data, recipe.run.model.vocab_size, Path(recipe.peer.cache_dir).expanduser())
+    corpus.prepare(recipe.run.data, recipe.run.model.vocab_size, Path(recipe.peer.cache_dir).expanduser())
     timeout = timeout or default_timeout(recipe, epochs, n) / min(speeds_)
     peers: list[ProcessGroup] = []
     coord = None

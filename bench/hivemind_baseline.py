@@ -139,7 +139,8 @@ def _worker(index: int, spec_path: str) -> None:
     import hivemind
     from hivemind.compression import NoCompression
 
-    from p2pdiloco import data, inner, model, swarm
+    from p2pdiloco import data, inner, model
+    from p2pdiloco.dht import maddrs_of, start_dht, stop_dht
     from p2pdiloco.config import load_recipe
     from p2pdiloco.lab import shard_keys
 
@@ -162,12 +163,12 @@ def _worker(index: int, spec_path: str) -> None:
     # --- DHT: worker 0 is the initial peer; the others dial its visible multiaddrs
     maddrs_file = out / MADDRS_FILE
     if index == 0:
-        dht = swarm.start_dht((), host="127.0.0.1", port=0, timeout=60)
-        _write_json_atomic(maddrs_file, swarm.maddrs_of(dht))
+        dht = start_dht((), host="127.0.0.1", port=0, timeout=60)
+        _write_json_atomic(maddrs_file, maddrs_of(dht))
     else:
         initial = _wait_for(lambda: _read_json(maddrs_file), min(180.0, left()), f"{maddrs_file}")
-        dht = swarm.start_dht(initial, host="127.0.0.1", port=0, timeout=60)
-    print(f"[worker {index}] DHT up: {swarm.maddrs_of(dht)}", flush=True)
+        dht = start_dht(initial, host="127.0.0.1", port=0, timeout=60)
+    print(f"[worker {index}] DHT up: {maddrs_of(dht)}", flush=True)
 
     net = model.build_model(run.model)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -386,7 +387,7 @@ def _worker(index: int, spec_path: str) -> None:
         opt.shutdown()
     except Exception as e:
         print(f"[worker {index}] optimizer shutdown: {e!r}", flush=True)
-    swarm.stop_dht(dht)
+    stop_dht(dht)
     stream.close()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -464,7 +465,7 @@ def run_hivemind_optimizer(config: str, overrides: list[str], workers: int, step
     """
     import torch
 
-    from p2pdiloco import data
+    from p2pdiloco import corpus
     from p2pdiloco.config import load_recipe
 
     if workers < 2:
@@ -472,7 +473,7 @@ def run_hivemind_optimizer(config: str, overrides: list[str], workers: int, step
     overrides = [*overrides, f"run.seed={seed}", f"run.model.init_seed={seed}"]
     recipe = load_recipe(config, overrides)
     run = recipe.run
-    data.prepare(run.data, run.model.vocab_size, cache)  # once, before k processes want it
+    corpus.prepare(run.data, run.model.vocab_size, cache)  # once, before k processes want it
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for pattern in ("hivemind_ready*", "hivemind_seen*", "hivemind_fresh*", "hivemind_serving*", "hivemind_done*", "hivemind_settled*", "hivemind_result*", "hivemind_params*", MADDRS_FILE):

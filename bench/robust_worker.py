@@ -34,8 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from p2pdiloco import faults, swarm  # noqa: E402
-from p2pdiloco.averaging import PseudoGradientAverager  # noqa: E402
+from p2pdiloco import dht as dht_node, faults  # noqa: E402
+from p2pdiloco.averaging.front import PseudoGradientAverager  # noqa: E402
 from p2pdiloco.config import AggregationConfig, AveragingConfig  # noqa: E402
 from p2pdiloco.errors import AveragingFailed  # noqa: E402
 
@@ -70,8 +70,8 @@ def main() -> None:
     honest_means = {}  # hostile count -> the honest peers' mean (what the round should give)
     for hostile in sorted({c["hostile"] for c in plan["cases"]}):
         honest_means[hostile] = sum(vector(r, size) for r in range(workers - hostile)) / (workers - hostile)
-    dht = swarm.start_dht(peers)
-    print(swarm.maddrs_of(dht)[0], flush=True)
+    dht = dht_node.start_dht(peers)
+    print(dht_node.maddrs_of(dht)[0], flush=True)
     # The swarm tests' limits: they are deadlines for a broken round, not what a round takes.
     cfg = AveragingConfig(matchmaking_s=10.0, request_s=3.0, allreduce_s=60.0, next_chunk_s=30.0, round_s=90.0)
     records, epoch = [], 0

@@ -109,17 +109,17 @@ def worker(rank: int, codec: str, values: int, rounds: int, out: Path) -> None:
 
     import torch
 
-    from p2pdiloco import swarm
-    from p2pdiloco.averaging import PseudoGradientAverager
+    from p2pdiloco import dht as dht_node
+    from p2pdiloco.averaging.front import PseudoGradientAverager
     from p2pdiloco.config import AveragingConfig
     from p2pdiloco.errors import AveragingFailed
 
     logging.basicConfig(level=logging.WARNING)
     addrs = out / f"{codec}.addrs"
     initial = [] if rank == 0 else _wait_for(lambda: addrs.exists() and addrs.read_text().split(), 120)
-    dht = swarm.start_dht(initial, host=f"{SUBNET}.{rank + 1}", port=PORT, timeout=120)
+    dht = dht_node.start_dht(initial, host=f"{SUBNET}.{rank + 1}", port=PORT, timeout=120)
     if rank == 0:
-        addrs.write_text(" ".join(swarm.maddrs_of(dht)))
+        addrs.write_text(" ".join(dht_node.maddrs_of(dht)))
     cfg = AveragingConfig(matchmaking_s=10.0, request_s=5.0, allreduce_s=600.0, next_chunk_s=120.0, round_s=700.0)
     avg = PseudoGradientAverager(dht, values, prefix=f"wan_{codec}", cfg=cfg, compression=codec, target_group_size=3,
                                  min_group_size=3, state_fn=lambda: ({}, []))

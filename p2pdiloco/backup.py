@@ -16,17 +16,21 @@ import threading
 import time
 from pathlib import Path
 
-
 from p2pdiloco import auth, checkpoint, swarm
 from p2pdiloco.averaging import PseudoGradientAverager
+from p2pdiloco.catchup import CatchUp
 from p2pdiloco.config import Recipe
-from p2pdiloco.errors import StateDownloadFailed
 from p2pdiloco.outer import OuterState, flatten_parameters
+from p2pdiloco.swarmview import SwarmView
 
 log = logging.getLogger("p2pdiloco")
 
 
 class StateBackup:
+    """A coordinator's copy of a run's state: it follows the swarm with the peers' own rules
+    (:class:`~p2pdiloco.swarmview.SwarmView`, the same fork rule) and fetches, checks and serves
+    the state as they do (:class:`~p2pdiloco.catchup.CatchUp`)."""
+
     def __init__(self, dht, recipe: Recipe, directory: Path, every_epochs: int = 1, every_s: float = 10.0, secret=None):
         from p2pdiloco import model  # the parameter count; a 1B recipe needs ~4 GB of RAM here
 
@@ -43,19 +47,22 @@ class StateBackup:
             self.outer.load_checkpoint(saved)
             self.held = True
             log.info("backup: reloaded the state of epoch %d from %s", self.outer.epoch, directory)
-        self.averager = PseudoGradientAverager(
-            dht, self.outer.size, prefix=f"{self.run.name}_{self.fingerprint}", cfg=self.run.averaging,
-            compression=self.run.compression, target_group_size=self.run.target_group_size,
-            min_group_size=self.run.min_group_size, state_fn=self._serve, aggregation=self.run.aggregation,
-            secret=auth.for_run(self.run.closed, secret),
+        self.view = SwarmView(self.peer_id)
+        self.catchup = CatchUp(self.outer, fingerprint=self.fingerprint, lock=self.lock, ban=self._ban)
+        self.averager = self.catchup.averager = PseudoGradientAverager.for_run(
+            dht, self.run, self.outer.size, state_fn=self.catchup.serve, secret=auth.for_run(self.run.closed, secret),
+            donor_only=True,
         )
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="backup", daemon=True)
         self.thread.start()
 
-    def _serve(self):
-        with self.lock:
-            return dict(self.outer.meta(), fingerprint=self.fingerprint), [t.clone() for t in self.outer.tensors()]
+    def _ban(self, donor: str, reason: str) -> None:
+        self.view.banned.add(donor)
+        try:
+            self.averager.ban(donor, reason)
+        except Exception as e:  # the view's ban already keeps it out of our choices
+            log.warning("backup: peer %s %s; could not tell the averager: %r", donor, reason, e)
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.every_s):
@@ -67,35 +74,33 @@ class StateBackup:
                 log.warning("backup: %r", e)
 
     def _refresh(self) -> None:
-        records = swarm.read_progress(self.dht, self.run.name, timeout=self.peer_cfg.dht_request_s)
-        live = {p: r for p, r in (records or {}).items() if not r.backup and p != self.peer_id}
-        if not live:
+        records = swarm.read_progress(self.dht, self.run.name, timeout=self.peer_cfg.dht_request_s, include_leaving=True)
+        if records is None:
             return
-        epoch = max(r.epoch for r in live.values())
-        if self.held and epoch < self.outer.epoch + self.every_epochs:
+        self.view.update(records)
+        with self.lock:
+            epoch, digest = self.outer.epoch, self.outer.state_hash
+        if not self.held:
+            epoch, digest = -1, ""  # the init is nobody's state: any live state is ahead of it
+        # The peers' own rule, without a vote of ours (a backup never trained): a behind peer would
+        # fetch the same state, and a fork of our epoch settled on another digest is fetched too.
+        target = self.view.catch_up(epoch, digest, vote=False)
+        if target is None or target.reason == "backup":
             return
-        counts: dict[str, int] = {}
-        for r in live.values():
-            if r.epoch == epoch:
-                counts[r.state_hash] = counts.get(r.state_hash, 0) + 1
-        target = min(counts, key=lambda h: (-counts[h], h))  # the peers' own fork rule
-        donors = sorted(p for p, r in live.items() if r.epoch == epoch and r.state_hash == target)
-        try:
-            donor, meta, tensors = self.averager.download_state(donors, timeout=self.peer_cfg.state_download_s)
-            if not isinstance(meta, dict) or meta.get("fingerprint") != self.fingerprint or not isinstance(meta.get("epoch"), int):
-                raise StateDownloadFailed(f"{donor} served a malformed state")
-            with self.lock:  # load() checks values and digest first: a bad state leaves ours untouched
-                self.outer.load(meta["epoch"], tensors, expected_hash=meta.get("state_hash"), pending=meta.get("pending", 0))
-                self.held = True
-        except StateDownloadFailed as e:
-            log.warning("backup: %s", e)
+        if target.reason == "behind" and self.held and target.epoch < epoch + self.every_epochs:
             return
-        self.averager.set_state_priority(self.outer.epoch)
+        fetched = self.catchup.fetch(target.donors, target.epoch, attempts=1, timeout=self.peer_cfg.state_download_s)
+        if fetched is None:
+            log.warning("backup: no valid state of epoch %d from %d donor(s); trying again in %.0f s",
+                        target.epoch, len(target.donors), self.every_s)
+            return
+        self.catchup.adopt(fetched)
+        self.held = True
         with self.lock:
             fields = self.outer.checkpoint_fields()
         # the run config makes the copy exportable (`p2pdiloco export`); the tokenizer then comes from the cache
         checkpoint.save(self.directory, dict(fingerprint=self.fingerprint, inner=None, data=None, config=self.run.canonical(), **fields))
-        log.info("backup: state of epoch %d (from %s) saved to %s", self.outer.epoch, donor[-6:], self.directory)
+        log.info("backup: state of epoch %d (from %s) saved to %s", self.outer.epoch, fetched.donor[-6:], self.directory)
 
     def _publish(self) -> None:
         with self.lock:

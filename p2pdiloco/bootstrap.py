@@ -16,7 +16,7 @@ A bootstrap list (``peers/README.md`` documents it)::
     example = true              # a format example with documentation addresses: never dialed
 
 Nothing here touches the network: the addresses are checked by
-:func:`p2pdiloco.swarm.validate_multiaddrs` afterwards.
+:func:`p2pdiloco.dht.validate_multiaddrs` afterwards.
 """
 
 from __future__ import annotations

@@ -310,7 +310,7 @@ def doctor(
         addrs, config = _resolve_peers(peers, config)
         recipe = load_recipe(config, overrides)
         if addrs:
-            from p2pdiloco.swarm import validate_multiaddrs
+            from p2pdiloco.dht import validate_multiaddrs
 
             addrs = validate_multiaddrs(addrs)
     except P2PDilocoError as e:

@@ -9,11 +9,11 @@ Elsewhere (a pipe or a file, as ``simulate``'s peers and the tests have) there a
 lines: the peer's own, plus every ``peer.progress_every_s`` seconds one progress line with the
 same facts (:func:`progress_line`).
 
-Both run in a thread of their own and only *read* the peer's attributes (:func:`read_facts`), so
-the training loop never waits for the screen. The main loop tells the view what it is blocked on
-through ``peer.activity``: ``None`` while it trains, ``"round"`` while it waits for its round
-(the round's own ``stage`` says whether it still waits for peers or already averages) and
-``"downloading state"`` while it catches up.
+Both run in a thread of their own and only *read* a snapshot of the peer (:class:`Facts`, from
+the callable the view is given: :meth:`p2pdiloco.peer.Peer.facts`), so the training loop never
+waits for the screen. What the peer does (:func:`state_of`) comes from what its main loop waits
+on: nothing while it trains, its round (whose own stage says whether it still waits for peers or
+already averages) or a state download.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import threading
-from typing import IO, Any
+from typing import IO, Callable
 
 from rich.console import Console, Group, RenderableType
 from rich.file_proxy import FileProxy
@@ -61,49 +61,25 @@ class Facts:
     bytes_sent: int
 
 
-def _state(peer: Any) -> str:
-    """What the peer does now, from what its main loop and its pending round say."""
-    if peer.stop_requested.is_set():
+def state_of(stopping: bool, activity: str | None, stage: str | None) -> str:
+    """What the peer does now, from what its main loop waits on (``activity``: None while it
+    trains, ``"round"``, ``"downloading state"``) and its pending round's ``stage`` (None: no round)."""
+    if stopping:
         return "leaving"
-    activity, pending = getattr(peer, "activity", None), peer.round
-    if activity == "downloading state" or pending is None:
+    if activity == "downloading state" or stage is None:
         return activity or "training"
-    stage = getattr(pending, "stage", "averaging")
     # With overlap the loop trains on while a round waits for peers or all-reduces behind it.
     return stage if activity == "round" else f"training; round: {stage}"
 
 
-def read_facts(peer: Any) -> Facts:
-    """Read a :class:`~p2pdiloco.peer.Peer` (or anything with its attributes) without locking.
-
-    The main loop and the round's thread write these attributes as they go: each read is one
-    attribute of a simple type, so the worst a reading can be is a moment out of date.
-    """
-    steps = peer.work.steps - getattr(peer, "attempt_from", 0)
-    speed, state = peer.speedometer.steps_per_s, _state(peer)
-    if peer.round is not None and getattr(peer, "activity", None) == "round":
-        eta = 0.0  # the round is due now: the state says what it waits for
-    elif speed > 0:
-        eta = max(0, peer.budget - steps) / speed
-    else:
-        eta = None
-    last_round = peer.recent_rounds[-1] if peer.recent_rounds else None
-    return Facts(
-        run=peer.run_cfg.name,
-        peer=peer.short_id,
-        state=state,
-        epoch=peer.outer.epoch,
-        steps=steps,
-        budget=peer.budget,
-        tokens_per_s=peer.tokens_per_s,
-        train_loss=peer.last_loss,
-        val_loss=peer.last_val,
-        val_epoch=getattr(peer, "last_val_epoch", None),
-        group_size=last_round.group_size if last_round else None,
-        live_peers=len(getattr(peer, "known_others", {})),
-        eta_s=eta,
-        bytes_sent=getattr(peer, "bytes_sent_total", 0),
-    )
+def eta_of(steps: int, budget: int, steps_per_s: float, round_due: bool) -> float | None:
+    """Seconds until the next round starts: 0 when the loop already waits for its round (the
+    state says on what), None before the speed is measured."""
+    if round_due:
+        return 0.0
+    if steps_per_s > 0:
+        return max(0, budget - steps) / steps_per_s
+    return None
 
 
 # ------------------------------------------------------------------ formatting
@@ -219,8 +195,8 @@ class View:
     ``stop`` is safe to call twice, or without ``start``.
     """
 
-    def __init__(self, peer: Any, mode: str = "auto", progress_every_s: float = 30.0):
-        self.peer, self.mode, self.progress_every_s = peer, choose_mode(mode), progress_every_s
+    def __init__(self, read: Callable[[], Facts], mode: str = "auto", progress_every_s: float = 30.0):
+        self.read, self.mode, self.progress_every_s = read, choose_mode(mode), progress_every_s
         self.live: Live | None = None
         self.redirected: list[tuple[logging.StreamHandler, IO[str]]] = []
         self.stopped = threading.Event()
@@ -251,7 +227,7 @@ class View:
     def _renderable(self) -> RenderableType:
         # Called from rich's refresh thread: an exception there would end the refreshes for good.
         try:
-            facts = read_facts(self.peer)
+            facts = self.read()
             if self.stopped.is_set():  # the frame that stays on screen once the peer is gone
                 facts.state = "stopped"
             self.last = render(facts)
@@ -262,7 +238,7 @@ class View:
     def _progress_lines(self) -> None:
         while not self.stopped.wait(self.progress_every_s):
             try:
-                log.info("%s", progress_line(read_facts(self.peer)))
+                log.info("%s", progress_line(self.read()))
             except Exception as e:
                 log.debug("progress line: %r", e)
 

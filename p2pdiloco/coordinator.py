@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from p2pdiloco import swarm
+from p2pdiloco.dht import RoutingWatchdog, maddrs_of, start_dht, stop_dht
 from p2pdiloco.errors import SwarmError
 
 log = logging.getLogger("p2pdiloco")
@@ -49,14 +50,14 @@ def run_coordinator(
         from p2pdiloco.auth import for_run
 
         for_run(backup[0].run.closed, secret)  # raises the one-line error that names the fix
-    dht = swarm.start_dht(
+    dht = start_dht(
         host=host, port=port, public_host=public_host, identity=str(identity) if identity else None, timeout=timeout,
         secret=secret,
     )
     if secret is not None:
         log.info("closed run: membership key id %s; records without the run's MAC are dropped", secret.key_id)
     # No initial peers to fall back on, but after a network cut it re-contacts the peers it knew.
-    watchdog = swarm.RoutingWatchdog(dht, [], period_s=10.0, timeout_s=5.0)
+    watchdog = RoutingWatchdog(dht, [], period_s=10.0, timeout_s=5.0)
     keeper = watch = server = None
     try:
         if backup:
@@ -74,7 +75,7 @@ def run_coordinator(
             server = board.serve(watch, dash_host, dash_port)
             shown = "127.0.0.1" if dash_host in ("0.0.0.0", "") else dash_host
             print(f"dashboard: http://{shown}:{server.server_address[1]}/ (read-only; refreshes every {refresh_s:g} s)", flush=True)
-        addrs = swarm.maddrs_of(dht)
+        addrs = maddrs_of(dht)
         print("coordinator is up; peers join with:", flush=True)
         for addr in addrs:
             print(f"  --peers {addr}", flush=True)
@@ -92,7 +93,7 @@ def run_coordinator(
         if keeper is not None:
             keeper.stop()
         watchdog.stop()
-        swarm.stop_dht(dht)
+        stop_dht(dht)
 
 
 def collect_status(peers: list[str], run: str | None, timeout: float, secret=None) -> dict:
@@ -100,7 +101,7 @@ def collect_status(peers: list[str], run: str | None, timeout: float, secret=Non
     every run the DHT lists. A closed run's records can be read only with its ``secret``."""
     from p2pdiloco.dashboard import list_runs, summarize_run
 
-    dht = swarm.start_dht(peers, client_mode=True, timeout=timeout, secret=secret)
+    dht = start_dht(peers, client_mode=True, timeout=timeout, secret=secret)
     try:
         runs = [run] if run else list_runs(dht, timeout)
         if runs is None:
@@ -113,7 +114,7 @@ def collect_status(peers: list[str], run: str | None, timeout: float, secret=Non
             status[name] = summarize_run(name, records)
         return status
     finally:
-        swarm.stop_dht(dht)
+        stop_dht(dht)
 
 
 def print_status(peers: list[str], *, run: str | None, as_json: bool, timeout: float, secret=None) -> None:

@@ -276,11 +276,11 @@ def _existing_parent(path: Path) -> Path:
 
 
 def check_resources(recipe: Recipe, device_info: dict) -> list[Check]:
-    from p2pdiloco import data
+    from p2pdiloco import corpus
 
     cache = Path(recipe.peer.cache_dir).expanduser()
     try:
-        cached = data.cache_folder(recipe.run.data, recipe.run.model.vocab_size, cache).is_dir()
+        cached = corpus.cache_folder(recipe.run.data, recipe.run.model.vocab_size, cache).is_dir()
     except Exception:  # e.g. a text_files path that does not exist yet: the data check belongs to join
         cached = False
     needs = estimate(recipe, on_gpu=device_info["on_gpu"], bf16=device_info["bf16"], data_cached=cached)
@@ -411,13 +411,14 @@ def check_network(peers: Sequence[str], host: str, port: int, public_host: str |
 def check_run_config(recipe: Recipe, peers: Sequence[str], timeout: float) -> Check:
     """Whether the run's published config matches this recipe (read only; publishes nothing)."""
     from p2pdiloco import swarm
+    from p2pdiloco.dht import start_dht, stop_dht
     from p2pdiloco.config import diff_keys
 
-    dht = swarm.start_dht(peers, client_mode=True, timeout=timeout)
+    dht = start_dht(peers, client_mode=True, timeout=timeout)
     try:
         found = dht.get(swarm.config_key(recipe.run.name), latest=True, return_future=True).result(timeout=timeout)
     finally:
-        swarm.stop_dht(dht)
+        stop_dht(dht)
     existing = found.value if found is not None and isinstance(found.value, dict) else None
     mine = recipe.run.fingerprint()
     if not existing:

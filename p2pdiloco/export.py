@@ -156,11 +156,11 @@ def checkpoint_tokenizer(loaded: LoadedCheckpoint, cache_dir: str | Path | None 
                 Path(tmp, name).write_text(text, encoding="utf-8")
             tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp)
     else:
-        from p2pdiloco import data
+        from p2pdiloco import corpus
         from p2pdiloco.config import PeerConfig
 
         cache = Path(cache_dir if cache_dir is not None else PeerConfig().cache_dir).expanduser()
-        tokenizer = data.load_tokenizer(loaded.data_cfg, loaded.model_cfg.vocab_size, cache)
+        tokenizer = corpus.load_tokenizer(loaded.data_cfg, loaded.model_cfg.vocab_size, cache)
     if len(tokenizer) > loaded.model_cfg.vocab_size:
         raise CheckpointError(f"the tokenizer of checkpoint {loaded.path} has {len(tokenizer)} tokens, more than the "
                               f"model's {loaded.model_cfg.vocab_size}: pass --config with the recipe it was trained with")

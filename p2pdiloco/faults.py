@@ -32,9 +32,12 @@ import os
 import signal
 from collections import Counter
 
+import torch
+
 ENV = "P2PDILOCO_FAULT"
 POINTS = ("matchmaking", "allreduce", "send", "part", "inner")
 ACTIONS = ("kill", "stop", "nan", "inf", "scale", "random", "truncate", "oom")
+CORRUPTIONS = ("nan", "inf", "scale", "random")  # the actions at "send": what goes out instead (see corrupt)
 _ONLY_AT = {"nan": "send", "inf": "send", "scale": "send", "random": "send", "truncate": "part", "oom": "inner"}
 
 log = logging.getLogger(__name__)
@@ -74,3 +77,25 @@ def reached(point: str) -> str | None:
     elif action == "stop":
         os.killpg(os.getpgrp(), signal.SIGSTOP)
     return action
+
+
+def corrupt(values: torch.Tensor, action: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """What a broken or hostile peer sends instead of ``values`` (a new tensor), for ``action`` in
+    :data:`CORRUPTIONS`: all NaN (``nan``), the first value +inf (``inf``), 1000x the values
+    (``scale``) or Gaussian noise 100x their RMS (``random``, drawn from ``generator``, the global
+    RNG when None).
+
+    The ``send`` faults of the real averager and the lab's hostile workers both call this, so the
+    lab measures robust aggregation against exactly the attacks the swarm tests inject.
+    """
+    if action == "nan":
+        return torch.full_like(values, float("nan"))
+    if action == "inf":
+        hurt = values.clone()
+        hurt[0] = float("inf")
+        return hurt
+    if action == "scale":
+        return values * 1000.0
+    if action == "random":
+        return torch.randn(values.shape, generator=generator) * (100 * values.norm() / values.numel() ** 0.5)
+    raise ValueError(f"not a corruption: {action!r} (one of {', '.join(CORRUPTIONS)})")

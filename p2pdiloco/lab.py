@@ -50,7 +50,7 @@ from typing import Callable, Literal
 
 import torch
 
-from p2pdiloco import data, inner, model, pace, robust
+from p2pdiloco import data, faults, inner, model, pace, robust
 from p2pdiloco.codecs import Codec, make_codec
 from p2pdiloco.config import AggregationConfig, Recipe, load_recipe
 from p2pdiloco.outer import OuterState, flatten_parameters, load_flat_parameters
@@ -147,7 +147,7 @@ def reduce(deltas: list[torch.Tensor], weights: list[float], codec: Codec,
     costs one payload.
 
     A robust ``aggregation`` (a method other than ``mean``) replaces the weighted mean by
-    :func:`robust.aggregate` on the same pieces, as :class:`p2pdiloco.averaging.RobustPartReducer`
+    :func:`robust.aggregate` on the same pieces, as :class:`p2pdiloco.averaging.runner.RobustPartReducer`
     does (:func:`_aggregate_slice`). ``mean`` keeps the running sum below: its numbers are those
     of every lab result before robust rules existed.
     """
@@ -186,15 +186,13 @@ def _aggregate_slice(pieces: list[torch.Tensor], weights: list[float], aggregati
     rule's medians and norms are those of each part: the lab cuts the slice the same way (from
     the slice's start; hivemind cuts the whole vector, so boundaries can differ by a part).
     """
-    a = aggregation
     part_values = max(1, int(PART_SIZE_BYTES / (4 * codec.estimate_compression_ratio(None))))
     acc = torch.empty_like(pieces[0])
     counts = [0] * len(pieces)
     starts = range(0, acc.numel(), part_values)
     for start in starts:
         part = slice(start, start + part_values)
-        result, hit = robust.aggregate([p[part] for p in pieces], weights, a.method, clip_ratio=a.clip_ratio, trim=a.trim,
-                                       clip_iters=a.clip_iters, max_weight_ratio=a.max_weight_ratio, flag_ratio=a.flag_ratio)
+        result, hit = robust.aggregate_with([p[part] for p in pieces], weights, aggregation)
         acc[part] = result
         for i in hit:
             counts[i] += 1
@@ -370,10 +368,8 @@ class _Lab:
 
     def attack(self, delta: torch.Tensor) -> torch.Tensor:
         """What a hostile worker sends instead of ``delta``: the ``send:scale`` and ``send:random``
-        faults of :meth:`p2pdiloco.averaging.PseudoGradientAverager.average`, same factors."""
-        if self.arm.attack == "scale":
-            return delta * 1000.0
-        return torch.randn(delta.shape, generator=self.noise) * (100 * delta.norm() / delta.numel() ** 0.5)
+        faults of :meth:`p2pdiloco.averaging.PseudoGradientAverager.average` (:func:`faults.corrupt`)."""
+        return faults.corrupt(delta, self.arm.attack, generator=self.noise)
 
     def run_sync(self) -> None:
         while self.steps_done < self.budget and not self.diverged:

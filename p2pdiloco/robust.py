@@ -38,16 +38,19 @@ nobody can tell who is the hostile one. It does not make a hostile *reducer* har
 member that reduces a slice controls what it sends back for that slice (BTARD-style verification
 would be needed); each member checks the averages it receives are finite and of the right size.
 
-The functions here are pure (no hivemind): the reducer in :mod:`p2pdiloco.averaging` and the lab
-(:mod:`p2pdiloco.lab`) call the same code.
+The functions here are pure (no hivemind): the reducer in :mod:`p2pdiloco.averaging.runner` and the
+lab (:mod:`p2pdiloco.lab`) call the same code, :func:`aggregate_with`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:  # annotations only: the rules stay importable without the config schema
+    from p2pdiloco.config import AggregationConfig
 
 METHODS = ("mean", "norm_bound", "trimmed_mean", "centered_clip")
 _EPS = 1e-12
@@ -145,3 +148,15 @@ def aggregate(
     else:
         result = centered_clip(stacked, w, clip_ratio, clip_iters)
     return result.reshape(shape), far_from(stacked, result, flag_ratio)
+
+
+def aggregate_with(
+    parts: Sequence[torch.Tensor], weights: Sequence[float], cfg: AggregationConfig
+) -> tuple[torch.Tensor, list[int]]:
+    """:func:`aggregate` with a run's ``[run.aggregation]`` settings.
+
+    The real reducers and the lab both call this, so a setting added to :class:`AggregationConfig`
+    reaches both or neither.
+    """
+    return aggregate(parts, weights, cfg.method, clip_ratio=cfg.clip_ratio, trim=cfg.trim, clip_iters=cfg.clip_iters,
+                     max_weight_ratio=cfg.max_weight_ratio, flag_ratio=cfg.flag_ratio)

@@ -288,10 +288,10 @@ def run_simulation(config: str | None, *, overrides: list[str], num_peers: int, 
     # An earlier run's checkpoint too: peer 0 would resume from it instead of starting this run fresh.
     for stale in [*out.glob("peer*.jsonl"), *out.glob("*.log"), out / "checkpoint" / "checkpoint.pt"]:
         stale.unlink(missing_ok=True)
-    from p2pdiloco import data
+    from p2pdiloco import corpus
 
     print(f"preparing data and tokenizer for '{recipe.run.name}' ...", flush=True)
-    data.prepare(recipe.run.data, recipe.run.model.vocab_size, Path(recipe.peer.cache_dir).expanduser())
+    corpus.prepare(recipe.run.data, recipe.run.model.vocab_size, Path(recipe.peer.cache_dir).expanduser())
     timeout = timeout or default_timeout(recipe, epochs, num_peers) / min(speeds or [1.0])
     started, started_at = time.monotonic(), time.time()
     dashboard = ["--dashboard-port", str(dashboard_port)] if dashboard_port else []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.swarm
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = ("ddp", "single", "hivemind_optimizer", "diloco_h10", "diloco_h50", "diloco_h100", "diloco_h50_blockwise8",

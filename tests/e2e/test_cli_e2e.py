@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from p2pdiloco.simulate import ProcessGroup, _cli, read_metrics, start_coordinator
+from tests.conftest import TEST_CONFIG
 
-pytestmark = pytest.mark.swarm
-
-TEST_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "test.toml")
+pytestmark = pytest.mark.e2e
 
 
 def _join(out: Path, index: int, peers: list[str], cache: Path, *extra: str) -> ProcessGroup:
@@ -30,6 +29,7 @@ def _wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.25)  # metrics files are polled: they have no change notification
 
 
+@pytest.mark.quick  # in the README's `pytest -q`: the README's main command, end to end
 def test_simulate_writes_a_consistent_summary_plot_and_model(tmp_path, data_cache):
     out = tmp_path / "sim"
     r = subprocess.run(

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from p2pdiloco.simulate import _cli
+from tests.conftest import TEST_CONFIG
 
-pytestmark = pytest.mark.swarm  # a real peer (DHT, p2pd) saves the checkpoint
+pytestmark = pytest.mark.e2e  # a real peer (DHT, p2pd) saves the checkpoint
 
-TEST_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "test.toml")
 SENTENCE = "To be, or not to be: that is the question."
 
 
@@ -73,7 +73,7 @@ def test_export_round_trips_through_transformers(exported, checkpoint_copy, data
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from p2pdiloco import data
+    from p2pdiloco import corpus
     from p2pdiloco.config import RunConfig, load_recipe
     from p2pdiloco.model import build_model
     from p2pdiloco.outer import load_flat_parameters
@@ -91,7 +91,7 @@ def test_export_round_trips_through_transformers(exported, checkpoint_copy, data
     tokenizer = AutoTokenizer.from_pretrained(exported, local_files_only=True)
     ids = tokenizer(SENTENCE, return_tensors="pt")["input_ids"]
     assert tokenizer.decode(ids[0]) == SENTENCE
-    cached = data.load_tokenizer(run.data, run.model.vocab_size, data_cache)
+    cached = corpus.load_tokenizer(run.data, run.model.vocab_size, data_cache)
     assert ids[0].tolist() == cached(SENTENCE)["input_ids"]
     with torch.no_grad():
         expected, got = ours(ids).logits, theirs(ids).logits

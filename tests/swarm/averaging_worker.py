@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
-from p2pdiloco import auth, swarm
-from p2pdiloco.averaging import PseudoGradientAverager
+from p2pdiloco import auth
+from p2pdiloco import dht as dht_node
+from p2pdiloco.averaging.front import PseudoGradientAverager
 from p2pdiloco.config import AggregationConfig, AveragingConfig
 from p2pdiloco.errors import AveragingFailed
 
@@ -57,7 +58,7 @@ class Forger(RecordValidatorBase):
 
 
 class OutsiderDHTSecret:
-    """Stands in for a RunSecret in swarm.start_dht: hands it the forging validator."""
+    """Stands in for a RunSecret in p2pdiloco.dht.start_dht: hands it the forging validator."""
 
     def validator(self):
         return Forger()
@@ -75,8 +76,8 @@ def main() -> None:
     attempts = int(os.environ.get("AVG_ATTEMPTS", "1"))  # a peer's loop retries a failed round
     outsider = os.environ.get("AVG_OUTSIDER") == "1"
     secret = auth.RunSecret(os.environ["AVG_SECRET"].encode()) if os.environ.get("AVG_SECRET") and not outsider else None
-    dht = swarm.start_dht(peers, secret=OutsiderDHTSecret() if outsider else secret)
-    print(swarm.maddrs_of(dht)[0], flush=True)
+    dht = dht_node.start_dht(peers, secret=OutsiderDHTSecret() if outsider else secret)
+    print(dht_node.maddrs_of(dht)[0], flush=True)
     # Generous limits: CI machines are shared, and this test checks the protocol, not the timeouts
     # (a round that times out here would fail the test on a slow machine, not on a broken protocol).
     # AVG_MATCHMAKING_S shortens the wait for tests whose retries look for a group without a banned peer.

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from p2pdiloco.simulate import ProcessGroup, _cli, read_metrics, start_coordinator
-
-TEST_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "test.toml")
+from tests.conftest import TEST_CONFIG
 
 
 def _free_port() -> int:

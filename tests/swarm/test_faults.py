@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from p2pdiloco.config import load_recipe
-
-from conftest import TEST_CONFIG, LocalSwarm
+from tests.conftest import TEST_CONFIG
+from tests.swarm.conftest import LocalSwarm
 
 pytestmark = pytest.mark.swarm
 
@@ -68,7 +68,8 @@ def _stop(swarm: LocalSwarm, indices) -> None:
     assert codes == [0] * len(indices), f"peers did not leave cleanly on SIGTERM: {codes}"
 
 
-@pytest.mark.parametrize("point", ["matchmaking", "allreduce"])
+# quick (in the README's `pytest -q`): a kill inside the all-reduce, where a bug would fork the states
+@pytest.mark.parametrize("point", ["matchmaking", pytest.param("allreduce", marks=pytest.mark.quick)])
 def test_peer_killed_mid_round_leaves_survivors_identical_and_moving(local_swarm, point):
     swarm = local_swarm()
     victim = _three_peers(swarm, f"{point}:kill@3")

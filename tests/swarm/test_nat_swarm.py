@@ -88,14 +88,15 @@ def _plain_hivemind_dht():
 
 
 def test_probe_through_a_p2pdiloco_node_dials_back(tmp_path):
-    from p2pdiloco import nat, swarm
+    from p2pdiloco import nat
+    from p2pdiloco.dht import maddrs_of, start_dht, stop_dht
 
-    dht = swarm.start_dht()
+    dht = start_dht()
     try:
-        addrs = swarm.maddrs_of(dht)
+        addrs = maddrs_of(dht)
         result = nat.probe(addrs, "127.0.0.1", 0, timeout=20)
     finally:
-        swarm.stop_dht(dht)
+        stop_dht(dht)
     assert result.reachable is True, result
     (answer,) = result.answers
     assert answer.connected and answer.observed == "127.0.0.1" and answer.behind_nat is False, answer
@@ -104,14 +105,15 @@ def test_probe_through_a_p2pdiloco_node_dials_back(tmp_path):
 
 
 def test_probe_through_a_plain_hivemind_node_cannot_tell_and_auto_joins_as_client():
-    from p2pdiloco import nat, swarm
+    from p2pdiloco import nat
+    from p2pdiloco.dht import maddrs_of, stop_dht
 
     dht = _plain_hivemind_dht()
     try:
-        addrs = swarm.maddrs_of(dht)
+        addrs = maddrs_of(dht)
         result = nat.probe(addrs, "127.0.0.1", 0, timeout=20)
     finally:
-        swarm.stop_dht(dht)
+        stop_dht(dht)
     (answer,) = result.answers
     assert answer.connected and answer.reachable is None and "cannot tell" in answer.detail, answer
     choice = nat.resolve("auto", host="0.0.0.0", port=0, public_host=None, initial_peers=addrs, timeout=20, probed=result)
@@ -131,17 +133,17 @@ def test_hivemind_validate_ping_cannot_detect_an_unreachable_peer():
     import hivemind
     from hivemind.p2p import PeerID
 
-    from p2pdiloco import swarm
+    from p2pdiloco.dht import maddrs_of, stop_dht
 
     server = _plain_hivemind_dht()
     caller = None
     try:
-        addr = swarm.maddrs_of(server)[0]
+        addr = maddrs_of(server)[0]
         caller = hivemind.DHT(initial_peers=[addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"], announce_maddrs=["/ip4/127.0.0.1/tcp/9"],
                               start=True, use_relay=False, use_auto_relay=False, nat_port_map=False, auto_nat=False)
         target = PeerID.from_base58(addr.split("/p2p/")[1])
         assert caller.run_coroutine(functools.partial(_validate_ping, target)) is True
     finally:
         if caller is not None:
-            swarm.stop_dht(caller)
-        swarm.stop_dht(server)
+            stop_dht(caller)
+        stop_dht(server)

@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 
 from p2pdiloco.simulate import ProcessGroup, _cli, read_metrics, start_coordinator
-
-from conftest import TEST_CONFIG
+from tests.conftest import TEST_CONFIG
 
 pytestmark = pytest.mark.swarm
 

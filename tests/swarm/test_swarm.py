@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import LocalSwarm
+from tests.swarm.conftest import LocalSwarm
 
 pytestmark = pytest.mark.swarm
 
@@ -73,6 +73,7 @@ def test_validation_loss_of_global_parameters_falls(late_join_run):
     assert val[max(val)] < val[0] - 0.3, val
 
 
+@pytest.mark.quick  # in the README's `pytest -q`: 3 real peers identical every epoch, one SIGKILLed
 def test_sigkilled_peer_does_not_stop_the_others(local_swarm):
     swarm = local_swarm()
     for _ in range(3):

@@ -7,7 +7,8 @@ import statistics
 
 import pytest
 
-from tests.swarm.conftest import TEST_CONFIG, LocalSwarm
+from tests.conftest import TEST_CONFIG
+from tests.swarm.conftest import LocalSwarm
 
 pytestmark = pytest.mark.swarm
 

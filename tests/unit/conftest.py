@@ -22,7 +22,7 @@ def test_recipe() -> Recipe:
 
 
 def _shakespeare_docs(limit_chars: int, separator: str) -> list[str]:
-    from p2pdiloco.data import _shakespeare_files
+    from p2pdiloco.corpus import _shakespeare_files
 
     docs, chars = [], 0
     for path in _shakespeare_files():

@@ -68,16 +68,16 @@ def test_members_dht_drops_a_strangers_records_and_keeps_the_members():
     """Real DHTs: two members of a closed run and a stranger without the secret, on loopback."""
     from hivemind.utils import get_dht_time
 
-    from p2pdiloco import swarm
+    from p2pdiloco.dht import maddrs_of, start_dht, stop_dht
 
     secret = auth.RunSecret(SECRET)
-    first = swarm.start_dht(secret=secret)
+    first = start_dht(secret=secret)
     nodes = [first]
     try:
-        addrs = swarm.maddrs_of(first)
-        second = swarm.start_dht(addrs, secret=secret)
+        addrs = maddrs_of(first)
+        second = start_dht(addrs, secret=secret)
         nodes.append(second)
-        stranger = swarm.start_dht(addrs)
+        stranger = start_dht(addrs)
         nodes.append(stranger)
         expiration = get_dht_time() + 60
         stranger.store("run_progress", {"forged": True}, expiration, subkey="stranger-id")
@@ -87,7 +87,7 @@ def test_members_dht_drops_a_strangers_records_and_keeps_the_members():
         assert second.get("run_progress", latest=True).value["member-id"].value == {"ok": True}
     finally:
         for node in nodes:
-            swarm.stop_dht(node)
+            stop_dht(node)
 
 
 async def _plant_undecodable(_dht, node, key: str = "run_progress", subkey: str = "stranger") -> None:
@@ -104,12 +104,12 @@ def test_one_undecodable_subkey_does_not_hide_the_others():
     """Real DHTs: hivemind alone would time out reading the whole key (fuzzing found it)."""
     from hivemind.utils import get_dht_time
 
-    from p2pdiloco import swarm
+    from p2pdiloco.dht import maddrs_of, start_dht, stop_dht
 
-    reader = swarm.start_dht()
+    reader = start_dht()
     nodes = [reader]
     try:
-        stranger = swarm.start_dht(swarm.maddrs_of(reader))
+        stranger = start_dht(maddrs_of(reader))
         nodes.append(stranger)
         expiration = get_dht_time() + 60
         assert reader.store("run_progress", {"ok": True}, expiration, subkey="honest")
@@ -118,4 +118,4 @@ def test_one_undecodable_subkey_does_not_hide_the_others():
         assert found is not None and set(found.value) == {"honest"}, found
     finally:
         for node in nodes:
-            swarm.stop_dht(node)
+            stop_dht(node)

@@ -5,7 +5,7 @@ import torch
 from hivemind.compression import CompressionInfo
 
 from p2pdiloco import codecs
-from p2pdiloco.averaging import _SenderCodec
+from p2pdiloco.averaging.runner import SenderCodec
 
 SIZES = [1, 2, 127, 128, 129, 1023, 1024, 1025, 40_001]
 
@@ -135,7 +135,7 @@ def test_sender_codec_records_what_quantization_dropped_at_each_parts_place():
     codec = codecs.FourBit()
     flat = _data("normal", 1000)
     residual = torch.full((1000,), float("nan"))
-    sender = _SenderCodec(codec, residual)
+    sender = SenderCodec(codec, residual)
     info = CompressionInfo.from_tensor(flat, key=0)
     for index, part in enumerate(flat.split(300)):  # as hivemind's container cuts one flat tensor
         sender.compress(part, info.get_part(index, 300))

@@ -12,11 +12,13 @@ import pytest
 from rich.console import Console
 
 from p2pdiloco import console
+from p2pdiloco.peer import Peer
 from p2pdiloco.swarm import RoundStat
 
 
 def fake_peer(**overrides) -> SimpleNamespace:
-    """The Peer attributes the console reads, at epoch 7 in the middle of its inner steps."""
+    """The Peer attributes its console snapshot (:meth:`Peer.facts`) reads, at epoch 7 in the
+    middle of its inner steps."""
     peer = SimpleNamespace(
         run_cfg=SimpleNamespace(name="test"),
         short_id="abc123",
@@ -34,11 +36,15 @@ def fake_peer(**overrides) -> SimpleNamespace:
         last_val_epoch=6,
         recent_rounds=[RoundStat(epoch=7, group_size=3, allreduce_s=0.4, bytes_sent=1000)],
         bytes_sent_total=2_500_000,
-        known_others={"p1": None, "p2": None, "p3": None},
+        view=SimpleNamespace(live={"p1": None, "p2": None, "p3": None}),
     )
     for key, value in overrides.items():
         setattr(peer, key, value)
     return peer
+
+
+def read_facts(peer: SimpleNamespace) -> console.Facts:
+    return Peer.facts(peer)
 
 
 def rendered(facts: console.Facts, width: int = 100) -> str:
@@ -48,7 +54,7 @@ def rendered(facts: console.Facts, width: int = 100) -> str:
 
 
 def test_read_facts_of_a_training_peer():
-    facts = console.read_facts(fake_peer())
+    facts = read_facts(fake_peer())
     assert facts == console.Facts(
         run="test", peer="abc123", state="training", epoch=7, steps=3, budget=10, tokens_per_s=12_345.0,
         train_loss=3.21456, val_loss=3.5, val_epoch=6, group_size=3, live_peers=3, eta_s=3.5, bytes_sent=2_500_000,
@@ -56,7 +62,7 @@ def test_read_facts_of_a_training_peer():
 
 
 def test_live_view_text():
-    text = rendered(console.read_facts(fake_peer()))
+    text = rendered(read_facts(fake_peer()))
     assert "run 'test'" in text and "peer abc123" in text
     for expected in ("● training", "epoch", "7", "3/10", "next round", "in ~4 s", "12.3k", "train loss", "3.215",
                      "val loss", "3.500 (epoch 6)", "3 peers (3 others live)", "2.5 MB", "Ctrl+C"):
@@ -65,12 +71,12 @@ def test_live_view_text():
 
 def test_live_view_before_anything_is_measured():
     peer = fake_peer(speedometer=SimpleNamespace(steps_per_s=0.0), tokens_per_s=0.0, last_loss=None, last_val=None,
-                     last_val_epoch=None, recent_rounds=[], bytes_sent_total=0, known_others={}, work=SimpleNamespace(steps=0))
-    facts = console.read_facts(peer)
+                     last_val_epoch=None, recent_rounds=[], bytes_sent_total=0, view=SimpleNamespace(live={}), work=SimpleNamespace(steps=0))
+    facts = read_facts(peer)
     assert (facts.eta_s, facts.group_size, facts.train_loss) == (None, None, None)
     text = rendered(facts, width=80)
     assert "0/10" in text and "0 B" in text and "(0 others live)" in text
-    assert "(1 other live)" in rendered(console.read_facts(fake_peer(known_others={"p1": None})))
+    assert "(1 other live)" in rendered(read_facts(fake_peer(view=SimpleNamespace(live={"p1": None}))))
     assert console.progress_line(facts) == (
         "progress | epoch 7 | step 0/10 | 0 tok/s | loss - | val - | group - | next round - | sent 0 B | training"
     )
@@ -93,7 +99,7 @@ def test_state(activity, stage, stopping, expected):
     peer = fake_peer(activity=activity, round=pending)
     if stopping:
         peer.stop_requested.set()
-    facts = console.read_facts(peer)
+    facts = read_facts(peer)
     assert facts.state == expected
     assert expected in rendered(facts)
     if activity == "round" and not stopping:
@@ -102,12 +108,12 @@ def test_state(activity, stage, stopping, expected):
 
 def test_steps_count_from_the_last_attempt():
     # A round that found nobody: its steps stay in the work, the next attempt waits for a budget more.
-    facts = console.read_facts(fake_peer(work=SimpleNamespace(steps=14), attempt_from=10))
+    facts = read_facts(fake_peer(work=SimpleNamespace(steps=14), attempt_from=10))
     assert (facts.steps, facts.eta_s) == (4, 3.0)
 
 
 def test_progress_line_format():
-    line = console.progress_line(console.read_facts(fake_peer()))
+    line = console.progress_line(read_facts(fake_peer()))
     assert line == ("progress | epoch 7 | step 3/10 | 12.3k tok/s | loss 3.215 | val 3.500 | group 3 | "
                     "next round in ~4 s | sent 2.5 MB | training")
 
@@ -138,7 +144,7 @@ def test_mode_choice(monkeypatch):
 
 
 def test_plain_view_logs_progress_lines(caplog):
-    view = console.View(fake_peer(), "plain", progress_every_s=0.05)
+    view = console.View(lambda: read_facts(fake_peer()), "plain", progress_every_s=0.05)
     with caplog.at_level(logging.INFO, logger="p2pdiloco"):
         view.start()
         time.sleep(0.3)
@@ -150,7 +156,7 @@ def test_plain_view_logs_progress_lines(caplog):
 
 
 def test_plain_view_with_progress_off():
-    view = console.View(fake_peer(), "plain", progress_every_s=0)
+    view = console.View(lambda: read_facts(fake_peer()), "plain", progress_every_s=0)
     view.start()
     assert view.thread is None
     view.stop()
@@ -166,7 +172,7 @@ def test_live_view_keeps_log_lines_whole(monkeypatch):
     logger.addHandler(handler)
     logger.propagate = False
     try:
-        view = console.View(fake_peer(), "live")
+        view = console.View(lambda: read_facts(fake_peer()), "live")
         view.start()
         time.sleep(0.6)  # a couple of refreshes
         logger.warning("epoch   7 | outer_step | loss 3.215")

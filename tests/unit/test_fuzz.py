@@ -80,7 +80,7 @@ def test_deeply_nested_msgpack_ext_values_are_refused_not_a_segfault():
     script = """
 import msgpack
 from hivemind.utils.serializer import MSGPackSerializer
-from p2pdiloco.swarm import bound_msgpack_nesting, MAX_EXT_NESTING
+from p2pdiloco.dht import MAX_EXT_NESTING, bound_msgpack_nesting
 bound_msgpack_nesting()
 def nested(depth):
     data = b"\\x91\\x01"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p2pdiloco import checkpoint, data, export
+from p2pdiloco import checkpoint, corpus, export
 from p2pdiloco.config import RunConfig
 from p2pdiloco.errors import CheckpointError, ConfigError, ExportError
 from p2pdiloco.model import build_model
@@ -22,7 +22,7 @@ def saved_state(test_recipe, data_cache) -> dict:
     run = test_recipe.run
     outer = OuterState.for_run(flatten_parameters(build_model(run.model)), run)
     outer.step(torch.full((outer.size,), 1e-3))  # the global parameters now differ from the init
-    folder = data.prepare(run.data, run.model.vocab_size, data_cache) / data.TOKENIZER_DIR
+    folder = corpus.prepare(run.data, run.model.vocab_size, data_cache) / corpus.TOKENIZER_DIR
     return dict(fingerprint=run.fingerprint(), inner=None, data=None, config=run.canonical(),
                 tokenizer=checkpoint.tokenizer_files(folder), **outer.checkpoint_fields())
 
@@ -49,7 +49,7 @@ def test_a_checkpoint_exports_its_global_parameters_and_tokenizer(tmp_path, save
     assert torch.equal(flatten_parameters(model), saved_state["params"])
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out", local_files_only=True)
     ids = tokenizer("Shall I compare thee")["input_ids"]
-    cached = data.load_tokenizer(test_recipe.run.data, test_recipe.run.model.vocab_size, data_cache)
+    cached = corpus.load_tokenizer(test_recipe.run.data, test_recipe.run.model.vocab_size, data_cache)
     assert ids and ids == cached("Shall I compare thee")["input_ids"] and tokenizer.decode(ids) == "Shall I compare thee"
     assert model.config.use_cache and model.generation_config.do_sample and model.config.eos_token_id == tokenizer.eos_token_id
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "out"], "a temporary folder was left behind"

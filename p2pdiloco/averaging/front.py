@@ -1,0 +1,300 @@
+"""What a peer calls to average: :class:`PseudoGradientAverager` and its :class:`RoundResult`.
+
+:class:`PseudoGradientAverager` lives in the peer's (host) process. It owns one flat fp32 buffer
+(one buffer so a failure can never leave some tensors averaged and others not), keys matchmaking
+by the epoch and state (only peers holding the same state can group), puts a hard deadline on
+every round and measures the bytes actually sent and received. It also serves the outer state to
+newcomers under the caller's lock and downloads it from a chosen list of peers. The work itself
+runs in the averager process (:mod:`p2pdiloco.averaging.process`), reached through hivemind's pipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from hivemind.compression import NoCompression
+from hivemind.p2p import PeerID
+from hivemind.utils import MPFuture, get_dht_time
+
+from p2pdiloco import faults
+from p2pdiloco.auth import RunSecret
+from p2pdiloco.averaging.process import _Averager
+from p2pdiloco.averaging.runner import DECODE_S, ENCODE_S, RECEIVED, SENT
+from p2pdiloco.averaging.wire import group_bits
+from p2pdiloco.codecs import make_codec
+from p2pdiloco.config import AggregationConfig, AveragingConfig
+from p2pdiloco.errors import AveragingFailed, StateDownloadFailed
+
+log = logging.getLogger(__name__)
+
+MEMBER_TTL_S = 6 * 3600.0  # a membership proof record's lifetime; republished every round
+
+
+@dataclasses.dataclass
+class RoundResult:
+    """What one successful round produced."""
+
+    average: torch.Tensor  # the weighted mean, byte-identical on every member of the group
+    group: list[str]  # peer ids of the members, in the group's order
+    gathered: dict[str, Any]  # peer id -> what that member passed as ``gather``
+    seconds: float
+    bytes_sent: int  # measured at the all-reduce: the serialized messages this peer sent
+    bytes_received: int
+    encode_s: float  # time spent encoding (our parts, the averages we reduced) and decoding
+    decode_s: float
+    residual: torch.Tensor | None = None  # error feedback: what quantizing our parts dropped
+    flagged: list[str] = dataclasses.field(default_factory=list)  # members a reducer's robust rule flagged
+
+
+class PseudoGradientAverager:
+    """Averages one flat pseudo-gradient per epoch with same-epoch peers, consistently.
+
+    :param dht: a running ``hivemind.DHT``
+    :param size: number of fp32 values in the pseudo-gradient
+    :param prefix: averaging namespace; include the run fingerprint so mismatched peers never meet
+    :param cfg: the run's averaging timeouts
+    :param compression: the run's codec name (see :mod:`p2pdiloco.codecs`)
+    :param state_fn: returns ``(metadata, [tensors])`` of the current outer state; called from a
+        background thread when a newcomer downloads the state, so it must take the state lock
+    :param error_feedback: return, with each round, what quantizing our parts dropped
+    :param aggregation: how the slices this peer reduces are combined (:mod:`p2pdiloco.robust`)
+    :param secret: a closed run's secret: only members join our groups, serve us or get our state
+    """
+
+    def __init__(
+        self,
+        dht,
+        size: int,
+        *,
+        prefix: str,
+        cfg: AveragingConfig,
+        compression: str,
+        target_group_size: int,
+        min_group_size: int,
+        state_fn: Callable[[], tuple[dict, Sequence[torch.Tensor]]],
+        error_feedback: bool = False,
+        client_mode: bool = False,
+        aggregation: AggregationConfig | None = None,
+        secret: RunSecret | None = None,
+    ):
+        self.cfg = cfg
+        self.target_group_size = target_group_size
+        self._counted = torch.zeros(4, dtype=torch.float64)  # traffic counters at the last round's result
+        self._averager = _Averager(
+            [torch.zeros(size, dtype=torch.float32)],  # moved to shared memory; read and written under its lock
+            dht,
+            start=True,
+            prefix=prefix,
+            state_fn=state_fn,
+            codec=make_codec(compression),
+            error_feedback=error_feedback,
+            aggregation=aggregation or AggregationConfig(),
+            secret=secret,
+            target_group_size=target_group_size,
+            min_group_size=min_group_size,
+            min_matchmaking_time=cfg.matchmaking_s,
+            request_timeout=cfg.request_s,
+            allreduce_timeout=cfg.allreduce_s,
+            next_chunk_timeout=cfg.next_chunk_s,
+            state_compression=NoCompression(),  # state is never quantized: newcomers must be bit-identical
+            client_mode=client_mode,
+            declare_state_period=max(cfg.matchmaking_s, 5.0),
+            shutdown_timeout=cfg.next_chunk_s,
+        )
+        self._token = secret.token(self._averager.peer_id.to_bytes()) if secret is not None else None
+        self._publish_membership(wait=True)
+
+    @classmethod
+    def for_run(cls, dht, run, size: int, *, state_fn: Callable[[], tuple[dict, Sequence[torch.Tensor]]],
+                secret: RunSecret | None = None, client_mode: bool = False,
+                donor_only: bool = False) -> "PseudoGradientAverager":
+        """The averager of a run (a :class:`~p2pdiloco.config.RunConfig`), as every peer and a
+        coordinator's backup build it: the namespace carries the run's fingerprint, so peers of
+        another config never meet, and everything else comes from the run config. ``donor_only``:
+        it serves and fetches states but never averages (a backup), so it keeps no error-feedback
+        buffer (the size of the model)."""
+        return cls(
+            dht, size, prefix=f"{run.name}_{run.fingerprint()}", cfg=run.averaging, compression=run.compression,
+            target_group_size=run.target_group_size, min_group_size=run.min_group_size, state_fn=state_fn,
+            error_feedback=run.error_feedback and not donor_only, client_mode=client_mode, aggregation=run.aggregation, secret=secret,
+        )
+
+    @property
+    def peer_id(self) -> str:
+        return self._averager.peer_id.to_base58()
+
+    def _publish_membership(self, wait: bool = False) -> None:
+        """Closed runs: publish our proof, so donors serve us the state and newcomers trust us as a donor."""
+        if self._token is None:
+            return
+        future = self._averager.dht.store(
+            f"{self._averager.prefix}.members", subkey=self.peer_id, value=self._token,
+            expiration_time=get_dht_time() + MEMBER_TTL_S, return_future=True,
+        )
+        if wait:
+            try:
+                future.result(timeout=self.cfg.request_s)
+            except Exception as e:  # republished every round; a donor may refuse us until then
+                log.warning("could not publish this peer's membership proof yet: %r", e)
+
+    def ban(self, peer: str, reason: str) -> None:
+        """Refuse ``peer`` in this peer's groups for the rest of the run (logged with ``reason``)."""
+        self._call("_ban_by_host", peer=peer, reason=reason)
+
+    def banned(self) -> list[str]:
+        """Peers this peer's averager refuses: those that sent non-finite values, or were banned."""
+        return self._call("_list_banned")
+
+    def traffic(self) -> dict[str, float]:
+        """Totals since start: ``bytes_sent``, ``bytes_received``, ``encode_s``, ``decode_s``."""
+        t = self._averager.traffic.clone()
+        return dict(bytes_sent=float(t[SENT]), bytes_received=float(t[RECEIVED]), encode_s=float(t[ENCODE_S]), decode_s=float(t[DECODE_S]))
+
+    def set_state_priority(self, epoch: int) -> None:
+        """Newcomers try donors with the highest epoch first. A client-mode averager serves no
+        state (others cannot dial it), so it has no priority to publish (hivemind refuses one)."""
+        if not self._averager.client_mode:
+            self._averager.state_sharing_priority = float(epoch)
+
+    def state_sharers(self, timeout: float | None = None) -> set[str] | None:
+        """Peers of this averaging namespace that currently declare they serve their state.
+
+        hivemind's averagers declare it in the DHT every ``declare_state_period``; client-mode
+        averagers never do. None when the DHT could not be read in time.
+        """
+        key = f"{self._averager.prefix}.all_averagers"
+        try:
+            found = self._averager.dht.get(key, latest=True, return_future=True).result(timeout=timeout or self.cfg.request_s)
+        except Exception as e:
+            log.debug("could not read the state sharers: %r", e)
+            return None
+        if found is None or not isinstance(found.value, dict):
+            return set()
+        sharers = set()
+        for subkey, item in found.value.items():
+            if isinstance(getattr(item, "value", None), (int, float)) and isinstance(subkey, bytes):
+                try:
+                    sharers.add(PeerID(subkey).to_base58())
+                except Exception:  # a malformed subkey from a stranger: not a donor
+                    continue
+        return sharers
+
+    def average(
+        self,
+        pseudo_gradient: torch.Tensor,
+        *,
+        epoch: int,
+        state_hash: str,
+        weight: float,
+        gather: dict,
+        expected_size: int | None = None,
+    ) -> RoundResult:
+        """All-reduce ``pseudo_gradient`` with the peers holding the same state (``epoch``,
+        ``state_hash``); the result holds the average.
+
+        The matchmaking key is derived from both, and every member checks the others' gathered
+        values, so peers on different forks of the same epoch never average together.
+        ``expected_size`` (at most the run's target group size): how many peers are known to be
+        ready for this state, so the group starts as soon as they all joined.
+
+        Raises :class:`AveragingFailed` if no group formed, a member failed, the result was partial,
+        or the deadline ``cfg.round_s`` passed.
+        """
+        cfg = self.cfg
+        with self._averager.get_tensors() as (buffer,):
+            buffer.copy_(pseudo_gradient)
+            fault = faults.reached("send")
+            if fault in faults.CORRUPTIONS:  # tests: what a broken or hostile peer would send
+                buffer.copy_(faults.corrupt(buffer, fault))
+        if not self._averager.is_alive():
+            raise AveragingFailed("the averager process is not running")
+        try:  # hivemind's own setters wait without a bound: go through _call
+            self._call("_set_group_bits", group_bits=group_bits(epoch, state_hash))  # same state only
+            self._call("_set_expected_group_size", size=min(expected_size or self.target_group_size, self.target_group_size))
+        except Exception as e:
+            raise AveragingFailed(f"the averager did not answer: {e!r}") from None
+        started = time.monotonic()
+        self._publish_membership()
+        proof = {} if self._token is None else {"member": self._token}
+        control = self._averager.step(
+            gather=dict(gather, epoch=epoch, state_hash=state_hash, **proof), weight=float(weight), timeout=2 * cfg.matchmaking_s,
+            # No retry inside the step: a member whose all-reduce failed while the others succeeded
+            # would average again, at the same epoch, with another group: a fork. The peer's loop
+            # retries instead, after checking whether the swarm moved on.
+            allow_retries=False, wait=False,
+        )
+        faults.reached("matchmaking")
+        try:
+            gathered = control.result(timeout=cfg.round_s)
+        except Exception as e:
+            control.cancel()
+            raise AveragingFailed(f"round of epoch {epoch} failed: {type(e).__name__}: {e}") from None
+        if not gathered:
+            raise AveragingFailed(f"round of epoch {epoch} failed: no group")
+        gathered = {peer.to_base58(): data for peer, data in gathered.items()}
+        states = {(data.get("epoch"), data.get("state_hash")) if isinstance(data, dict) else None for data in gathered.values()}
+        if states != {(epoch, state_hash)}:
+            raise AveragingFailed(f"group mixed states {sorted(map(str, states))}; round discarded")
+        # Counted since the previous round's result, not since this round's start: a reducer's
+        # last replies can still be on their way when its own result is complete, and their bytes
+        # then count in the next round instead of being lost. Totals over a run are exact.
+        now = self._averager.traffic.clone()
+        traffic, self._counted = now - self._counted, now
+        with self._averager.get_tensors() as (buffer,):
+            average = buffer.clone()
+        try:
+            flagged = self._call("_take_flagged")
+        except Exception as e:  # only the ban decisions miss this round's flags
+            log.debug("could not read the flagged members: %r", e)
+            flagged = []
+        if not torch.isfinite(average).all():  # e.g. our own slice, if we were the one sending NaN
+            raise AveragingFailed(f"round of epoch {epoch} produced non-finite values; round discarded")
+        return RoundResult(
+            average=average,
+            group=sorted(gathered),
+            gathered=gathered,
+            seconds=time.monotonic() - started,
+            bytes_sent=int(traffic[SENT]),
+            bytes_received=int(traffic[RECEIVED]),
+            encode_s=float(traffic[ENCODE_S]),
+            decode_s=float(traffic[DECODE_S]),
+            residual=None if self._averager.residual is None else self._averager.residual.clone(),
+            flagged=flagged,
+        )
+
+    def _call(self, method: str, timeout: float | None = None, **kwargs):
+        """Run an async method of the averager in its process and wait (bounded) for its result."""
+        future = MPFuture()
+        self._averager._outer_pipe.send((method, [], dict(kwargs, future=future)))
+        return future.result(timeout=timeout or self.cfg.request_s)
+
+    def download_state(self, peers: list[str], timeout: float):
+        """Fetch ``(donor, metadata, tensors)`` from the first of ``peers`` that answers, else raise.
+
+        Peers that declare they serve their state are tried first: a client-mode peer holds the
+        same state but cannot be dialed, and asking it would only cost a timeout. The others stay
+        last in line, in case a declaration lapsed (it is refreshed every few seconds).
+        """
+        sharers = self.state_sharers() or set()
+        peers = sorted(peers, key=lambda p: p not in sharers)  # stable: the caller's order otherwise
+        try:
+            result = self._call("_download_state_from", timeout, peers=peers, chunk_timeout=self.cfg.next_chunk_s)
+        except Exception as e:
+            raise StateDownloadFailed(f"no state from {len(peers)} peer(s) within {timeout:.0f} s: {e!r}") from None
+        if result is None:
+            raise StateDownloadFailed(f"none of {len(peers)} peer(s) served its state")
+        return result
+
+    def shutdown(self) -> None:
+        from p2pdiloco.dht import ensure_stopped
+
+        if self._averager.is_alive():
+            try:
+                self._averager.shutdown()
+            except Exception as e:
+                log.debug("averager shutdown: %r", e)
+        ensure_stopped(self._averager)
