@@ -275,57 +275,69 @@ class Peer:
         self.budget = self._epoch_budget()
 
     def _outer_step(self, result, pending: PendingRound) -> None:
-        if isinstance(result, RoundResult):
-            averaged, group, event = result.average, result, "outer_step"
-            if self.residual is not None and result.residual is not None:
-                self.residual.copy_(result.residual)
-        else:
-            averaged, group, event = pending.delta, None, "solo_step"  # alone in the run: our delta is the swarm's average
-            log.info("no other peer in the run: applying this peer's own pseudo-gradient")
-            if self.residual is not None:
-                self.residual.zero_()  # applied in full, nothing dropped
+        """Apply the round's average (or, alone in the run, our own pseudo-gradient) to the global
+        state, adopt it keeping the steps trained meanwhile, and record the epoch."""
+        group = result if isinstance(result, RoundResult) else None
+        averaged = self._take_average(group, pending)
         applied_to = self.outer.epoch
         with self.state_lock:
             self.outer.step(averaged, contributions=len(group.group) if group else 1)
             digest = self.outer.state_hash
         self.averager.set_state_priority(self.outer.epoch)
-        self.local.rebase(pending.base, self.outer.params)  # keeps the steps trained while the round ran
+        self.local.rebase(pending.base, self.outer.params)  # adopt, keeping the steps trained while the round ran
         done, self.work, self.attempt_from = pending.sent, self.work.since(pending.sent, self.outer.epoch), 0
         if group:
-            self._judge_flags(group)
-            self.last_round = (self.outer.epoch, group.group, time.monotonic())
-            self.bytes_sent_total += group.bytes_sent
-            stat = swarm.RoundStat(epoch=self.outer.epoch, group_size=len(group.group), allreduce_s=group.seconds,
-                                   bytes_sent=group.bytes_sent)
-            self.recent_rounds = [*self.recent_rounds, stat][-swarm.RECENT_ROUNDS:]
+            self._note_round(group)
         self.last_loss = sum(done.losses) / len(done.losses)
-        val_loss = self._maybe_eval()
-        self._record(
-            dict(
-                epoch=self.outer.epoch,
-                event=event,
-                state_hash=digest,
-                group_size=len(group.group) if group else 1,
-                group=group.group if group else [self.peer_id],
-                inner_steps=done.steps,
-                tokens=done.tokens,
-                staleness=applied_to - done.started_epoch,  # outer steps between the work's base and its round
-                overlap_steps=self.work.steps,  # trained while the round ran, carried into the next epoch
-                speed=self.speedometer.steps_per_s,
-                train_loss=self.last_loss,
-                allreduce_s=group.seconds if group else 0.0,
-                bytes_sent=group.bytes_sent if group else 0,
-                bytes_received=group.bytes_received if group else 0,
-                encode_s=group.encode_s if group else 0.0,
-                decode_s=group.decode_s if group else 0.0,
-                flagged=group.flagged if group else [],
-                banned=sorted(self.banned),
-                val_loss=val_loss,
-                **self._clock_fields(),
-            )
-        )
+        self._record(self._epoch_fields(group, done, digest, staleness=applied_to - done.started_epoch))
         if self.peer_cfg.checkpoint_dir and self.outer.epoch % self.peer_cfg.checkpoint_every == 0:
             self.save_checkpoint()
+
+    def _take_average(self, group: RoundResult | None, pending: PendingRound) -> torch.Tensor:
+        """The pseudo-gradient the outer step applies; error feedback keeps what the codec dropped."""
+        if group is not None:
+            if self.residual is not None and group.residual is not None:
+                self.residual.copy_(group.residual)
+            return group.average
+        log.info("no other peer in the run: applying this peer's own pseudo-gradient")
+        if self.residual is not None:
+            self.residual.zero_()  # applied in full, nothing dropped
+        return pending.delta  # alone in the run: our delta is the swarm's average
+
+    def _note_round(self, group: RoundResult) -> None:
+        """Bans from the round's flags, and the round's figures for our DHT record and the console."""
+        self._judge_flags(group)
+        self.last_round = (self.outer.epoch, group.group, time.monotonic())
+        self.bytes_sent_total += group.bytes_sent
+        stat = swarm.RoundStat(epoch=self.outer.epoch, group_size=len(group.group), allreduce_s=group.seconds,
+                               bytes_sent=group.bytes_sent)
+        self.recent_rounds = [*self.recent_rounds, stat][-swarm.RECENT_ROUNDS:]
+
+    def _epoch_fields(self, group: RoundResult | None, done: pace.Work, digest: str, staleness: int) -> dict:
+        """The metrics record of an outer step (README, "Machine-readable output")."""
+        val_loss = self._maybe_eval()
+        return dict(
+            epoch=self.outer.epoch,
+            event="outer_step" if group else "solo_step",
+            state_hash=digest,
+            group_size=len(group.group) if group else 1,
+            group=group.group if group else [self.peer_id],
+            inner_steps=done.steps,
+            tokens=done.tokens,
+            staleness=staleness,  # outer steps between the work's base and its round
+            overlap_steps=self.work.steps,  # trained while the round ran, carried into the next epoch
+            speed=self.speedometer.steps_per_s,
+            train_loss=self.last_loss,
+            allreduce_s=group.seconds if group else 0.0,
+            bytes_sent=group.bytes_sent if group else 0,
+            bytes_received=group.bytes_received if group else 0,
+            encode_s=group.encode_s if group else 0.0,
+            decode_s=group.decode_s if group else 0.0,
+            flagged=group.flagged if group else [],
+            banned=sorted(self.banned),
+            val_loss=val_loss,
+            **self._clock_fields(),
+        )
 
     def _judge_flags(self, result: RoundResult) -> None:
         """Ban, for the run, a member the reducers' robust rule flagged in ``ban_after``

@@ -27,6 +27,4 @@ from p2pdiloco.averaging.front import PseudoGradientAverager, RoundResult
 from p2pdiloco.averaging.runner import SenderCodec
 from p2pdiloco.averaging.wire import decode_gather, group_bits, parse_reducer_note
 
-_SenderCodec = SenderCodec  # its name before the split into modules
-
 __all__ = ["PseudoGradientAverager", "RoundResult", "SenderCodec", "decode_gather", "group_bits", "parse_reducer_note"]
