@@ -89,7 +89,7 @@ class StateBackup:
             return
         if target.reason == "behind" and self.held and target.epoch < epoch + self.every_epochs:
             return
-        fetched = self.catchup.fetch(target.donors, target.epoch, attempts=1, timeout=self.peer_cfg.state_download_s)
+        fetched = self.catchup.fetch(target.donors, target.epoch, timeout=self.peer_cfg.state_download_s)
         if fetched is None:
             log.warning("backup: no valid state of epoch %d from %d donor(s); trying again in %.0f s",
                         target.epoch, len(target.donors), self.every_s)

@@ -53,31 +53,29 @@ class CatchUp:
         with self.lock:
             return dict(self.outer.meta(), fingerprint=self.fingerprint), [t.clone() for t in self.outer.tensors()]
 
-    def fetch(self, donors: list[str], min_epoch: int, *, attempts: int, timeout: float) -> Fetched | None:
+    def fetch(self, donors: list[str], min_epoch: int, *, timeout: float) -> Fetched | None:
         """A state of epoch ``min_epoch`` or later from one of ``donors``, checked whole, or None.
 
-        A donor that now serves an older epoch (it restarted) is skipped; one that serves an
-        invalid state is banned (``ban``) and dropped from ``donors``. Each attempt is bounded by
-        ``timeout`` (the averager tries the donors in turn within it).
+        The averager asks the donors in turn (those that declare they serve first) within
+        ``timeout``; a donor that now serves an older epoch (it restarted) is skipped, one that
+        serves an invalid state is banned (``ban``), and the others are asked next. Retrying later,
+        with the donors picked again from fresh records, is the caller's choice.
         """
-        for attempt in range(attempts):
+        while donors:
             try:
                 donor, meta, tensors = self.averager.download_state(donors, timeout=timeout)
             except StateDownloadFailed as e:
-                log.warning("state download attempt %d failed: %s", attempt + 1, e)
-                continue
+                log.warning("state download failed: %s", e)
+                return None
+            donors = [d for d in donors if d != donor]
             if isinstance(meta, dict) and isinstance(meta.get("epoch"), int) and meta["epoch"] < min_epoch:
                 log.info("%s now serves epoch %d (restarted?); trying another donor", donor[-6:], meta["epoch"])
-                donors = [d for d in donors if d != donor] or donors
                 continue
             try:
                 # Every check, digest included, before anything is adopted: whole and verified or not at all.
                 header = self.outer.validate(meta, tensors, fingerprint=self.fingerprint)
             except StateDownloadFailed as e:
                 self.ban(donor, f"served an invalid state ({e})")
-                donors = [d for d in donors if d != donor]
-                if not donors:
-                    return None
                 continue
             return Fetched(donor, header, tensors)
         return None

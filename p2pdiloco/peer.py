@@ -376,34 +376,42 @@ class Peer:
     # ---------------------------------------------------------------- catching up
     def _sync_with_swarm(self) -> None:
         """Download the swarm's state if it is ahead of ours or if ours is a minority fork (or, alone,
-        a coordinator's backup that is ahead: the run went on before us)."""
-        if self.presence.live_others() is None:
-            return  # the DHT is unreadable right now, or we may be cut off: try again next epoch
-        target = self.view.catch_up(self.outer.epoch, self.outer.state_hash)
-        if target is None:
-            return
-        if target.reason == "backup":
-            log.info("epoch %d, no live peer, a backup at %d: downloading it", self.outer.epoch, target.epoch)
-        else:
-            log.info("epoch %d, swarm at %d (%s): downloading the state from %d peer(s)", self.outer.epoch,
-                     target.epoch, target.reason, len(target.donors))
-        self._download_state(target)
+        a coordinator's backup that is ahead: the run went on before us).
 
-    def _download_state(self, target: Target) -> None:
-        """Catch up from one of the target's donors, keeping our unsent work (rebased); the console shows it."""
+        Each of ``state_download_attempts`` reads the records afresh and picks the target again: the
+        donors of the last try may have moved on, or (client-mode peers) may not serve at all, while
+        a peer that just reached the same state can; a donor banned for an invalid state is no
+        longer in the view."""
+        for _ in range(self.peer_cfg.state_download_attempts):
+            if self.presence.live_others() is None:
+                return  # the DHT is unreadable right now, or we may be cut off: try again next epoch
+            target = self.view.catch_up(self.outer.epoch, self.outer.state_hash)
+            if target is None:
+                return
+            if target.reason == "backup":
+                log.info("epoch %d, no live peer, a backup at %d: downloading it", self.outer.epoch, target.epoch)
+            else:
+                log.info("epoch %d, swarm at %d (%s): downloading the state from %d peer(s)", self.outer.epoch,
+                         target.epoch, target.reason, len(target.donors))
+            if self._download_state(target):
+                return
+        log.warning("could not download the swarm's state; continuing and retrying next epoch")
+
+    def _download_state(self, target: Target) -> bool:
+        """Catch up from one of the target's donors, keeping our unsent work (rebased); the console
+        shows it. False if none of them served a valid state within ``state_download_s``."""
         self.activity = "downloading state"
         try:
-            fetched = self.catchup.fetch(target.donors, target.epoch, attempts=self.peer_cfg.state_download_attempts,
-                                         timeout=self.peer_cfg.state_download_s)
+            fetched = self.catchup.fetch(target.donors, target.epoch, timeout=self.peer_cfg.state_download_s)
             if fetched is None:
-                log.warning("could not download the swarm's state; continuing and retrying next epoch")
-                return
+                return False
             previous = self.outer.params.clone()  # the base our unsent work was trained from
             self.catchup.adopt(fetched)
             self.local.rebase(previous, self.outer.params)  # our work so far goes, stale, into our next round
             self._record(dict(epoch=self.outer.epoch, event="downloaded", reason=target.reason,
                               state_hash=fetched.header.state_hash, donor=fetched.donor, val_loss=self._maybe_eval()))
             log.info("now at epoch %d (state from %s)", self.outer.epoch, fetched.donor[-6:])
+            return True
         finally:
             self.activity = None
 

@@ -52,7 +52,7 @@ def test_fetch_checks_then_adopt_replaces_the_state():
     mine, banned = outer_at(0, seed=2), []
     averager = Donors({"d1": served(donor)})
     c = catch_up(mine, averager, banned)
-    fetched = c.fetch(["d1"], 3, attempts=2, timeout=1.0)
+    fetched = c.fetch(["d1"], 3, timeout=1.0)
     assert fetched is not None and fetched.donor == "d1" and mine.epoch == 0  # nothing adopted yet
     c.adopt(fetched)
     assert (mine.epoch, mine.state_hash, averager.priority) == (3, donor.state_hash, 3)
@@ -66,7 +66,7 @@ def test_a_donor_serving_a_corrupt_state_is_banned_and_the_next_one_tried():
     mine, banned = outer_at(0, seed=2), []
     averager = Donors({"bad": (meta, tensors), "ok": served(good)})
     c = catch_up(mine, averager, banned)
-    fetched = c.fetch(["bad", "ok"], 3, attempts=3, timeout=1.0)
+    fetched = c.fetch(["bad", "ok"], 3, timeout=1.0)
     assert fetched is not None and fetched.donor == "ok"
     assert [d for d, _ in banned] == ["bad"] and "digest" in banned[0][1]
     assert mine.epoch == 0
@@ -76,7 +76,7 @@ def test_a_restarted_donor_serving_an_older_epoch_is_skipped():
     mine, banned = outer_at(0, seed=2), []
     averager = Donors({"old": served(outer_at(1, seed=1)), "new": served(outer_at(3, seed=1))})
     c = catch_up(mine, averager, banned)
-    fetched = c.fetch(["old", "new"], 3, attempts=2, timeout=1.0)
+    fetched = c.fetch(["old", "new"], 3, timeout=1.0)
     assert fetched is not None and fetched.donor == "new" and banned == []
 
 
@@ -86,9 +86,9 @@ def test_nothing_valid_leaves_our_state_alone():
     meta, tensors = served(outer_at(3, seed=1))
     meta["fingerprint"] = "another run"
     c = catch_up(mine, Donors({"x": (meta, tensors)}), banned)
-    assert c.fetch(["x"], 3, attempts=3, timeout=1.0) is None
+    assert c.fetch(["x"], 3, timeout=1.0) is None
     assert mine.state_hash == before and [d for d, _ in banned] == ["x"]
-    assert catch_up(mine, Donors({}), []).fetch(["y"], 3, attempts=2, timeout=1.0) is None  # nobody answers
+    assert catch_up(mine, Donors({}), []).fetch(["y"], 3, timeout=1.0) is None  # nobody answers
 
 
 def test_serve_sends_copies_with_the_run_fingerprint():
