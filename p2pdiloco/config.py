@@ -111,6 +111,10 @@ class AveragingConfig(_Strict):
     allreduce_s: float = Field(60.0, gt=0, description="one all-reduce attempt, after the group formed")
     next_chunk_s: float = Field(10.0, gt=0, description="silence from a group member before it is dropped")
     round_s: float = Field(120.0, gt=0, description="hard deadline on a whole round (matchmaking + all-reduce)")
+    commit_s: float = Field(
+        10.0, gt=0, description="after a complete all-reduce, how long a member waits for every other member to confirm "
+        "it holds the result too; without every confirmation nobody applies it (no member steps alone)",
+    )
     grace_s: float = Field(
         60.0, ge=0, description="grace time: how long a ready peer waits for same-epoch peers still training; "
         "stragglers later than this miss the round and bring their work to a later one",

@@ -138,10 +138,11 @@ def print_status(peers: list[str], *, run: str | None, as_json: bool, timeout: f
         if s["val_loss"] is not None:
             facts.append(f"val loss {s['val_loss']:.3f} at epoch {s['val_epoch']}")
         if last:
-            facts.append(f"last round: epoch {last['epoch']}, {last['group_size']} peers, {last['allreduce_s']:.2f} s, "
+            contributing = f", {last['contributors']} contributing" if last["contributors"] else ""  # 0: older peers do not say
+            facts.append(f"last round: epoch {last['epoch']}, {last['group_size']} peers{contributing}, {last['allreduce_s']:.2f} s, "
                          f"{human_bytes(last['bytes_sent'])} sent")
         table = Table(title=f"run {name}: " + "; ".join(facts))
-        for col in ("peer", "state", "epoch", "tokens/s", "train loss", "val loss", "group", "all-reduce s", "sent", "digest", "seen"):
+        for col in ("peer", "state", "epoch", "tokens/s", "train loss", "val loss", "group", "contrib.", "all-reduce s", "sent", "digest", "seen"):
             table.add_column(col, justify="left" if col in ("peer", "state", "digest") else "right")
         for r in s["peers"]:
             table.add_row(
@@ -152,6 +153,7 @@ def print_status(peers: list[str], *, run: str | None, as_json: bool, timeout: f
                 "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}",
                 "-" if r["val_loss"] is None else f"{r['val_loss']:.3f}",
                 str(r["group_size"] or "-"),
+                str(r["contributors"] or "-"),
                 "-" if r["allreduce_s"] is None else f"{r['allreduce_s']:.2f}",
                 human_bytes(r["bytes_sent_total"]),
                 r["state_hash"][:8],

@@ -4,8 +4,8 @@ Everything comes from the progress records peers publish in the DHT (see :mod:`p
 The DHT holds only the present (each peer's latest record), so :class:`SwarmWatch` polls it every
 ``refresh_s`` seconds and keeps the history the charts need: validation loss by epoch (each
 record says which epoch's global parameters its ``val_loss`` was measured on), the swarm's
-throughput over time, and each round's all-reduce time and bytes (each record carries its peer's
-last round). A dashboard started late shows the history from its start on.
+throughput over time, and each round's all-reduce time, bytes, group size and contributors (the
+members whose pseudo-gradients reached the average; each record carries its peer's last rounds). A dashboard started late shows the history from its start on.
 
 The page is read-only (GET only), bound to loopback unless told otherwise, and treats every value
 as a stranger's: records are validated by pydantic before they get here, and the page writes them
@@ -61,6 +61,7 @@ def summarize_run(name: str, records: dict[str, swarm.Progress], now: float | No
         last_round=None if last is None else dict(
             epoch=last,
             group_size=max(s.group_size for s in in_last),
+            contributors=max(s.contributors for s in in_last),  # 0: the peers do not say (older versions)
             allreduce_s=statistics.median(s.allreduce_s for s in in_last),
             bytes_sent=sum(s.bytes_sent for s in in_last),
             reports=len(in_last),
@@ -73,7 +74,8 @@ def _peer_row(r: swarm.Progress, now: float) -> dict:
     row = r.model_dump(exclude={"rounds"})
     last = r.rounds[-1] if r.rounds else None
     row.update(last_seen_s=round(max(0.0, now - r.time), 1), role=_role(r),
-               group_size=last.group_size if last else None, allreduce_s=last.allreduce_s if last else None)
+               group_size=last.group_size if last else None, contributors=last.contributors if last else None,
+               allreduce_s=last.allreduce_s if last else None)
     return row
 
 
@@ -147,7 +149,8 @@ class SwarmWatch:
                 if r.val_loss is not None and r.val_epoch is not None and r.val_epoch not in run["val"]:
                     run["val"][r.val_epoch] = (r.time, r.val_loss)  # every peer measures the same parameters
                 for stat in [] if r.backup else r.rounds:
-                    run["rounds"].setdefault(stat.epoch, {})[r.peer] = (stat.allreduce_s, stat.bytes_sent, stat.group_size)
+                    run["rounds"].setdefault(stat.epoch, {})[r.peer] = (stat.allreduce_s, stat.bytes_sent, stat.group_size,
+                                                                        stat.contributors)
             for table in (run["val"], run["rounds"]):
                 while len(table) > HISTORY:
                     del table[min(table)]
@@ -159,10 +162,9 @@ class SwarmWatch:
             for name, run in sorted(self.runs.items()):
                 rounds = []
                 for epoch, by_peer in sorted(run["rounds"].items()):
-                    seconds = [s for s, _, _ in by_peer.values()]
-                    rounds.append(dict(epoch=epoch, allreduce_s=statistics.median(seconds),
-                                       bytes_sent=sum(b for _, b, _ in by_peer.values()),
-                                       group_size=max(g for _, _, g in by_peer.values()), reports=len(by_peer)))
+                    seconds, sent, groups, contributors = zip(*by_peer.values())
+                    rounds.append(dict(epoch=epoch, allreduce_s=statistics.median(seconds), bytes_sent=sum(sent),
+                                       group_size=max(groups), contributors=max(contributors), reports=len(by_peer)))
                 runs.append(dict(
                     run["now"],
                     history_since=run["since"],

@@ -309,8 +309,8 @@ class Peer:
         self._judge_flags(group)
         self.last_round = (self.outer.epoch, group.group, time.monotonic())
         self.bytes_sent_total += group.bytes_sent
-        stat = swarm.RoundStat(epoch=self.outer.epoch, group_size=len(group.group), allreduce_s=group.seconds,
-                               bytes_sent=group.bytes_sent)
+        stat = swarm.RoundStat(epoch=self.outer.epoch, group_size=len(group.group), contributors=len(group.contributors),
+                               allreduce_s=group.seconds, bytes_sent=group.bytes_sent)
         self.recent_rounds = [*self.recent_rounds, stat][-swarm.RECENT_ROUNDS:]
 
     def _epoch_fields(self, group: RoundResult | None, done: pace.Work, digest: str, staleness: int) -> dict:
@@ -322,6 +322,8 @@ class Peer:
             state_hash=digest,
             group_size=len(group.group) if group else 1,
             group=group.group if group else [self.peer_id],
+            # whose pseudo-gradients this state holds: the group less the members left out of the average
+            contributors=sorted(group.contributors) if group else [self.peer_id],
             inner_steps=done.steps,
             tokens=done.tokens,
             staleness=staleness,  # outer steps between the work's base and its round
@@ -441,6 +443,7 @@ class Peer:
             leaving=leaving,
             rounds=self.recent_rounds,
             bytes_sent_total=self.bytes_sent_total,
+            one_sided=self.averager.one_sided,
         )
 
     def facts(self) -> console.Facts:

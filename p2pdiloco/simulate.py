@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -119,19 +120,48 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float, sta
     """The run's summary from every peer's metrics records (see README, machine-readable output).
 
     ``started_at`` (a ``time.time()``) is the origin of ``val_curve``'s wall-clock seconds.
+
+    Identical states at every epoch do not mean that every peer's work counted: when two groups
+    average at one epoch, the run continues from one of their states and the members of the other
+    download it, so their states end up identical while their epoch's work is lost. ``work_kept``
+    makes that visible:
+
+    - an epoch's *kept state* (row ``kept_state``) is the state the run continued from: the one held
+      by the most peers at that epoch (each peer's last record at it), ties to the smallest digest,
+      the rule of :func:`p2pdiloco.swarm.winning_state`;
+    - its contributors (row ``contributors``) are the peers whose pseudo-gradients it holds: the
+      union of the ``contributors`` (``group`` in records from before that field) of the
+      ``outer_step``/``solo_step`` records at that epoch with that digest;
+    - a peer *trained* in epoch ``e`` (row ``trained``) if it has an ``outer_step``, ``solo_step`` or
+      ``downloaded`` record at ``e`` (it took part in that epoch; counted once however many records).
+      A download counts too: the work of a peer that fell behind or lost a fork is not in ``e``'s
+      state, and a joiner's first download counts as an epoch in which nothing of its work was kept;
+    - ``work_kept`` = Σ contributors / Σ trained over the epochs (``work_kept_peer_epochs`` /
+      ``peer_epochs_trained``); None when no peer trained. A contributor counts only if it trained
+      at that epoch here too, so a peer whose metrics are missing cannot push the fraction past 1.
     """
     hashes: dict[int, dict[str, str]] = {}
     per_epoch: dict[int, list[dict]] = {}
+    trained: dict[int, set[str]] = {}  # epoch -> the peers that took part in it
+    contributed: dict[tuple[int, str], set[str]] = {}  # (epoch, digest) -> the peers whose work that state holds
     for records in metrics.values():
         for r in records:
             hashes.setdefault(r["epoch"], {})[r["peer"]] = r["state_hash"]
             per_epoch.setdefault(r["epoch"], []).append(r)
+            if r.get("event") in ("outer_step", "solo_step", "downloaded"):
+                trained.setdefault(r["epoch"], set()).add(r["peer"])
+            if r.get("event") in ("outer_step", "solo_step"):
+                who = r.get("contributors", r.get("group", [r["peer"]]))
+                contributed.setdefault((r["epoch"], r["state_hash"]), set()).update(who)
     val = {e: [r["val_loss"] for r in rs if r.get("val_loss") is not None] for e, rs in per_epoch.items()}
     val = {e: v[0] for e, v in val.items() if v}
     completed = max((e for e, rs in per_epoch.items() if any(r.get("event") in ("outer_step", "solo_step") for r in rs)), default=0)
     rows = []
     for epoch in sorted(per_epoch):
         steps = [r for r in per_epoch[epoch] if r.get("event") in ("outer_step", "solo_step")]
+        held = Counter(hashes[epoch].values())
+        kept = min(held, key=lambda h: (-held[h], h))
+        took_part = trained.get(epoch, set())
         rows.append(
             dict(
                 epoch=epoch,
@@ -145,7 +175,10 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float, sta
                 decode_s=sum(r.get("decode_s", 0.0) for r in steps),
                 rounds=sum(1 for r in steps if r.get("event") == "outer_step"),
                 peers_reporting=len(hashes[epoch]),
-                distinct_states=len(set(hashes[epoch].values())),
+                distinct_states=len(held),
+                kept_state=kept,
+                contributors=len(contributed.get((epoch, kept), set()) & took_part),
+                trained=len(took_part),
             )
         )
     sent, received = sum(r["bytes_sent"] for r in rows), sum(r["bytes_received"] for r in rows)
@@ -161,6 +194,7 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float, sta
         (r["time"] - origin, r["epoch"], r["val_loss"]) for rs in metrics.values() for r in rs if r.get("val_loss") is not None
     )
     rounds = max(1, sum(r["rounds"] for r in rows))
+    kept_work, peer_epochs = sum(r["contributors"] for r in rows), sum(r["trained"] for r in rows)
     return dict(
         peers=num_peers,
         epochs_completed=completed,
@@ -179,6 +213,10 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float, sta
         compute_utilization=statistics.mean(utilization) if utilization else None,
         # [seconds since the start, validation loss of the global parameters], one per evaluation
         val_curve=[[round(t, 3), v] for t, _, v in val_points],
+        # peer-epochs whose work reached the state the run continued from, of those trained (see above)
+        work_kept=kept_work / peer_epochs if peer_epochs else None,
+        work_kept_peer_epochs=kept_work,
+        peer_epochs_trained=peer_epochs,
         epochs=rows,
     )
 
@@ -212,7 +250,8 @@ def print_table(summary: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"{summary['peers']} peers, {summary['epochs_completed']} epochs, {summary['wall_s']:.0f} s")
-    for col in ("epoch", "train", "val", "group", "all-reduce s", "MB sent", "MB recv"):
+    # "work kept": of the peers that trained at the epoch, the contributors of the state the run kept
+    for col in ("epoch", "train", "val", "group", "all-reduce s", "MB sent", "MB recv", "work kept"):
         table.add_column(col, justify="right")
     table.add_column("states", justify="right", no_wrap=True, min_width=9)  # "identical" must stay readable
     for r in summary["epochs"]:
@@ -224,6 +263,7 @@ def print_table(summary: dict) -> None:
             f"{r['allreduce_s']:.2f}",
             f"{r['bytes_sent'] / 1e6:.1f}",
             f"{r['bytes_received'] / 1e6:.1f}",
+            f"{r['contributors']}/{r['trained']}" if r["trained"] else "-",
             "identical" if r["distinct_states"] == 1 else f"{r['distinct_states']} DIFFER",
         )
     console = Console()
@@ -234,6 +274,10 @@ def print_table(summary: dict) -> None:
         console.print(f"{verdict}: every peer held the same state at every epoch; validation loss {val or 'not evaluated'}")
     else:
         console.print(f"{verdict}: some epochs have differing states (see summary.json)")
+    if summary["peer_epochs_trained"]:
+        kept, trained = summary["work_kept_peer_epochs"], summary["peer_epochs_trained"]
+        lost = "" if kept == trained else "; the rest was trained into states the run did not continue from"
+        console.print(f"work kept: {kept}/{trained} peer-epochs ({100 * summary['work_kept']:.0f} %){lost}")
 
 
 def default_timeout(recipe, epochs: int, num_peers: int) -> float:

@@ -43,6 +43,8 @@ class RoundStat(BaseModel):
     model_config = ConfigDict(extra="ignore")
     epoch: int = Field(ge=0)  # the epoch the round's outer step reached
     group_size: int = Field(ge=1, le=100_000)
+    # members whose pseudo-gradients are in the round's average; 0: not said (a record from before the field)
+    contributors: int = Field(0, ge=0, le=100_000)
     allreduce_s: float = Field(ge=0, le=1e6)
     bytes_sent: int = Field(ge=0)  # by this peer in that round
 
@@ -68,6 +70,7 @@ class Progress(BaseModel):
     # go by still sees every round; and the bytes it sent in all its rounds since it started.
     rounds: list[RoundStat] = Field(default_factory=list, max_length=RECENT_ROUNDS)
     bytes_sent_total: int = Field(0, ge=0)
+    one_sided: int = Field(0, ge=0)  # rounds complete here that a member did not confirm: not applied (averaging.commit_s)
 
 
 def fork_settled(counts: Mapping[str, int], winner: str, pending: int) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -24,7 +25,7 @@ from p2pdiloco import faults
 from p2pdiloco.auth import RunSecret
 from p2pdiloco.averaging.process import _Averager
 from p2pdiloco.averaging.runner import DECODE_S, ENCODE_S, RECEIVED, SENT
-from p2pdiloco.averaging.wire import group_bits
+from p2pdiloco.averaging.wire import group_bits, round_key, unconfirmed
 from p2pdiloco.codecs import make_codec
 from p2pdiloco.config import AggregationConfig, AveragingConfig
 from p2pdiloco.errors import AveragingFailed, StateDownloadFailed
@@ -32,6 +33,7 @@ from p2pdiloco.errors import AveragingFailed, StateDownloadFailed
 log = logging.getLogger(__name__)
 
 MEMBER_TTL_S = 6 * 3600.0  # a membership proof record's lifetime; republished every round
+DONE_TTL_S = 600.0  # a "done" record only matters while its round commits
 
 
 @dataclasses.dataclass
@@ -48,6 +50,9 @@ class RoundResult:
     decode_s: float
     residual: torch.Tensor | None = None  # error feedback: what quantizing our parts dropped
     flagged: list[str] = dataclasses.field(default_factory=list)  # members a reducer's robust rule flagged
+    # Peers whose pseudo-gradients are in the average (the epoch's state): the group, until
+    # averages reach across groups (docs/scaling.md).
+    contributors: list[str] = dataclasses.field(default_factory=list)
 
 
 class PseudoGradientAverager:
@@ -84,6 +89,7 @@ class PseudoGradientAverager:
         self.cfg = cfg
         self.target_group_size = target_group_size
         self._counted = torch.zeros(4, dtype=torch.float64)  # traffic counters at the last round's result
+        self.one_sided = 0  # rounds whose result was complete here but not confirmed by every member (not applied)
         self._averager = _Averager(
             [torch.zeros(size, dtype=torch.float32)],  # moved to shared memory; read and written under its lock
             dht,
@@ -201,8 +207,11 @@ class PseudoGradientAverager:
         ``expected_size`` (at most the run's target group size): how many peers are known to be
         ready for this state, so the group starts as soon as they all joined.
 
+        A complete result is returned only once every member confirmed holding it too (see
+        :meth:`_commit`): a round never ends with some members stepping and others retrying.
+
         Raises :class:`AveragingFailed` if no group formed, a member failed, the result was partial,
-        or the deadline ``cfg.round_s`` passed.
+        a member did not confirm within ``cfg.commit_s``, or the deadline ``cfg.round_s`` passed.
         """
         cfg = self.cfg
         with self._averager.get_tensors() as (buffer,):
@@ -221,7 +230,8 @@ class PseudoGradientAverager:
         self._publish_membership()
         proof = {} if self._token is None else {"member": self._token}
         control = self._averager.step(
-            gather=dict(gather, epoch=epoch, state_hash=state_hash, **proof), weight=float(weight), timeout=2 * cfg.matchmaking_s,
+            gather=dict(gather, epoch=epoch, state_hash=state_hash, nonce=os.urandom(8).hex(), **proof),
+            weight=float(weight), timeout=2 * cfg.matchmaking_s,
             # No retry inside the step: a member whose all-reduce failed while the others succeeded
             # would average again, at the same epoch, with another group: a fork. The peer's loop
             # retries instead, after checking whether the swarm moved on.
@@ -253,6 +263,7 @@ class PseudoGradientAverager:
             flagged = []
         if not torch.isfinite(average).all():  # e.g. our own slice, if we were the one sending NaN
             raise AveragingFailed(f"round of epoch {epoch} produced non-finite values; round discarded")
+        self._commit(epoch, gathered)
         return RoundResult(
             average=average,
             group=sorted(gathered),
@@ -264,7 +275,43 @@ class PseudoGradientAverager:
             decode_s=float(traffic[DECODE_S]),
             residual=None if self._averager.residual is None else self._averager.residual.clone(),
             flagged=flagged,
+            contributors=sorted(set(gathered) - set(self.banned())),
         )
+
+    def _commit(self, epoch: int, gathered: dict[str, Any]) -> None:
+        """Confirm that we hold the whole result, and wait (bounded by ``cfg.commit_s``) until every
+        other member confirmed too; raise :class:`AveragingFailed` otherwise.
+
+        Without this, a link that fails while the averages are on their way ends a round one-sided:
+        a member that received every slice steps, while the one that missed a slice fails and
+        averages again, at the same epoch, with whoever is left: two states at one epoch. With it,
+        a member steps only when every member holds the same result, so a failure on the way back
+        makes the whole group retry. What remains is a confirmation lost between two members that
+        both hold the result, a window of one small DHT write instead of a whole transfer. Members
+        that a reducer left out for sending garbage never hold the result and are not waited for.
+        """
+        key = f"{self._averager.prefix}.done.{round_key(gathered)}"
+        dht = self._averager.dht
+        try:
+            dht.store(key, subkey=self.peer_id, value=True, expiration_time=get_dht_time() + DONE_TTL_S,
+                      return_future=True).result(timeout=self.cfg.request_s)
+        except Exception as e:
+            log.debug("could not store this round's confirmation: %r", e)  # the others will not step: nor do we
+        deadline, missing = time.monotonic() + self.cfg.commit_s, set(gathered) - {self.peer_id}
+        while True:
+            try:
+                found = dht.get(key, latest=True, return_future=True).result(timeout=self.cfg.request_s)
+                done = set(found.value) if found is not None and isinstance(found.value, dict) else set()
+                missing = unconfirmed(gathered, done | {self.peer_id}, self.banned())
+            except Exception as e:
+                log.debug("could not read this round's confirmations: %r", e)
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                self.one_sided += 1
+                raise AveragingFailed(f"round of epoch {epoch}: the result is complete here, but {len(missing)} member(s) did not "
+                                      f"confirm theirs within commit_s={self.cfg.commit_s:g} s; not applied, so no member steps alone")
+            time.sleep(0.1)
 
     def _call(self, method: str, timeout: float | None = None, **kwargs):
         """Run an async method of the averager in its process and wait (bounded) for its result."""

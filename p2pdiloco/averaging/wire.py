@@ -111,3 +111,17 @@ def group_bits(epoch: int, state_hash: str) -> str:
     """16 matchmaking bits from the epoch and the state digest: peers meet only their own state."""
     digest = hashlib.sha256(f"{epoch}:{state_hash}".encode()).digest()
     return format(int.from_bytes(digest[:2], "big"), "016b")
+
+
+def round_key(gathered: dict[str, dict]) -> str:
+    """A name for one all-reduce attempt, the same on every member: a digest of the members and
+    the fresh ``nonce`` each put in its metadata (so a retry by the same members is another round).
+    The members' "done" records are filed under it (see :meth:`PseudoGradientAverager._commit`)."""
+    entries = sorted(f"{peer}:{data.get('nonce', '') if isinstance(data, dict) else ''}" for peer, data in gathered.items())
+    return hashlib.sha256("|".join(entries).encode()).hexdigest()[:32]
+
+
+def unconfirmed(members: Iterable[str], done: Iterable[str], excused: Iterable[str]) -> set[str]:
+    """Members that have not (yet) confirmed holding the whole result, less the ``excused`` ones
+    (left out of this round for sending garbage: they never hold it, and must not hold up the rest)."""
+    return set(members) - set(done) - set(excused)

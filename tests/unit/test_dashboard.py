@@ -11,24 +11,28 @@ from p2pdiloco.swarm import Progress, RoundStat
 
 
 def _record(peer, epoch, *, val=None, val_epoch=None, rounds=(), t=100.0, **kw):
-    stats = [RoundStat(epoch=e, group_size=g, allreduce_s=s, bytes_sent=b) for e, g, s, b in rounds]
+    """``rounds``: (epoch, group size, all-reduce s, bytes sent[, contributors]); no contributors: an older peer's."""
+    stats = [RoundStat(epoch=e, group_size=g, allreduce_s=s, bytes_sent=b, contributors=c[0] if c else 0) for e, g, s, b, *c in rounds]
     return Progress(peer=peer, epoch=epoch, state_hash="ab" * 8, tokens_per_s=1000.0, val_loss=val, val_epoch=val_epoch,
-                    rounds=stats, bytes_sent_total=sum(b for *_, b in rounds), time=t, **kw)
+                    rounds=stats, bytes_sent_total=sum(stat.bytes_sent for stat in stats), time=t, **kw)
 
 
 def test_summary_counts_training_peers_and_the_last_round():
     records = {
-        "a": _record("a", 3, val=4.0, val_epoch=3, rounds=[(2, 2, 0.5, 100), (3, 3, 0.25, 300)]),
-        "b": _record("b", 3, rounds=[(3, 3, 0.75, 200)], ready=True),
+        "a": _record("a", 3, val=4.0, val_epoch=3, rounds=[(2, 2, 0.5, 100, 2), (3, 3, 0.25, 300, 2)]),
+        "b": _record("b", 3, rounds=[(3, 3, 0.75, 200, 2)], ready=True),
         "c": _record("c", 2, leaving=True),
         "k": _record("k", 3, backup=True),
     }
     s = dashboard.summarize_run("r", records, now=110.0)
     assert (s["epoch"], s["peers_online"], s["tokens_per_s"]) == (3, 2, 2000.0)
     assert (s["val_loss"], s["val_epoch"]) == (4.0, 3)
-    assert s["last_round"] == dict(epoch=3, group_size=3, allreduce_s=0.5, bytes_sent=500, reports=2)
+    assert s["last_round"] == dict(epoch=3, group_size=3, contributors=2, allreduce_s=0.5, bytes_sent=500, reports=2)
     roles = {p["peer"]: p["role"] for p in s["peers"]}
     assert roles == {"a": "training", "b": "ready", "c": "leaving", "k": "backup"}
+    # each peer's last round: 3 members, one left out of the average; none yet for the others
+    assert {p["peer"]: (p["group_size"], p["contributors"]) for p in s["peers"]} == {
+        "a": (3, 2), "b": (3, 2), "c": (None, None), "k": (None, None)}
     assert {p["peer"]: p["last_seen_s"] for p in s["peers"]}["a"] == 10.0
     json.dumps(s)  # what status --json prints
 
@@ -42,6 +46,7 @@ def test_watch_keeps_history_the_dht_forgets():
     run = watch.snapshot()["runs"][0]
     assert [(p["epoch"], p["val_loss"]) for p in run["val_curve"]] == [(1, 5.0), (2, 4.0)]
     assert [(r["epoch"], r["bytes_sent"], r["reports"]) for r in run["rounds"]] == [(1, 10, 1), (2, 30, 2)]
+    assert [(r["group_size"], r["contributors"]) for r in run["rounds"]] == [(2, 0), (2, 0)]  # 0: not said
     assert [(p["time"], p["peers"]) for p in run["throughput"]] == [(1.0, 1), (2.0, 2)]
 
 

@@ -1,0 +1,228 @@
+"""PURE: the two-level round of one epoch, for any number of ready peers (docs/scaling.md).
+
+Every ready peer computes the same :class:`Plan` from the same inputs (epoch, state digest, the
+ready set it read from the DHT), with no leader and no message: the ready peers are dealt, in an
+order seeded by the epoch and the set, into ``G`` groups of about ``n``. The flat pseudo-gradient
+is cut into ``K`` columns (``K`` = the smallest group's size) and each column into ``G`` cells:
+
+1. inside each group, member ``c`` owns column ``c``: the members send it their column ``c``, and
+   it reduces them to the group's *partial* for that column (the robust rule runs here);
+2. across groups, the owners of column ``c`` (one per group) send cell ``h`` of their partial to
+   the cell's *decider*, the owner of column ``c`` in group ``h``, which takes the weighted mean
+   of the partials that arrived, encodes it **once** and sends those bytes to every owner of
+   column ``c``;
+3. inside each group, the owner forwards its column's cells, unchanged, to the members.
+
+Each cell is decided once, by one peer, so the same bytes reach everyone: one state, whatever
+``N``. A peer sends about ``2 (N-1)/N`` times the pseudo-gradient's payload, the butterfly
+bound (:func:`bytes_sent`). A dead or late peer costs its cells, not the epoch: an undecided cell
+is a zero update everywhere (:func:`assemble`), and each peer carries the parts of its work that
+no decision included into the next epoch (:class:`Outcome.carried`), so that work is not lost.
+
+This module holds every decision of that protocol and no I/O: the lab drives it on a virtual
+clock with seeded faults (:mod:`p2pdiloco.scalesim`), the peers over hivemind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from typing import Callable, Iterable, Mapping, Sequence
+
+Cell = tuple[int, int]  # (column, the group whose owner decides it)
+
+
+def spans(n: int, parts: int, start: int = 0) -> list[tuple[int, int]]:
+    """``parts`` contiguous (start, stop) ranges covering ``[start, start + n)``, sizes within 1."""
+    bounds = [start + n * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Who reduces and decides what in one epoch's round. Build it with :func:`make_plan`."""
+
+    epoch: int
+    digest: str  # the state the round averages from
+    plan_id: str  # names the ready set: peers that read another set have another plan and never mix
+    groups: tuple[tuple[str, ...], ...]  # members of each group, in order: member c owns column c
+
+    @property
+    def columns(self) -> int:
+        """``K``: one column per member of the smallest group (a larger group's last member owns none)."""
+        return min(len(g) for g in self.groups)
+
+    @property
+    def peers(self) -> list[str]:
+        return [p for g in self.groups for p in g]
+
+    def group_of(self, peer: str) -> int:
+        for g, members in enumerate(self.groups):
+            if peer in members:
+                return g
+        raise KeyError(f"{peer} is not in this plan")
+
+    def owner(self, group: int, column: int) -> str:
+        return self.groups[group][column]
+
+    def decider(self, cell: Cell) -> str:
+        column, h = cell
+        return self.groups[h][column]
+
+    def column_of(self, peer: str) -> int | None:
+        """The column ``peer`` owns, or None (the extra member of a larger group)."""
+        c = self.groups[self.group_of(peer)].index(peer)
+        return c if c < self.columns else None
+
+    def cells(self) -> list[Cell]:
+        return [(c, h) for c in range(self.columns) for h in range(len(self.groups))]
+
+    def column_span(self, column: int, size: int) -> tuple[int, int]:
+        return spans(size, self.columns)[column]
+
+    def cell_span(self, cell: Cell, size: int) -> tuple[int, int]:
+        return self.cell_spans(size)[cell]
+
+    def cell_spans(self, size: int) -> dict[Cell, tuple[int, int]]:
+        """Every cell's (start, stop) in a vector of ``size`` values (computed once per size)."""
+        cache = self.__dict__.setdefault("_spans", {})  # a frozen dataclass may still memoize
+        if size not in cache:
+            cache[size] = {(c, h): span for c, (start, stop) in enumerate(spans(size, self.columns))
+                           for h, span in enumerate(spans(stop - start, len(self.groups), start))}
+        return cache[size]
+
+
+def ready_set_id(epoch: int, digest: str, ready: Iterable[str]) -> str:
+    """The name of a ready set: equal on every peer that read the same set."""
+    text = "|".join([str(epoch), digest, *sorted(set(ready))])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def make_plan(epoch: int, digest: str, ready: Iterable[str], group_size: int) -> Plan:
+    """The epoch's plan from the ready set (ids of the peers ready at ``epoch`` with state ``digest``,
+    ourselves included). Groups: ``ceil(N / group_size)`` of sizes within one of each other, so
+    the smallest group (which sets the columns) is as large as it can be. The order is a
+    permutation seeded by the set, so that which peers meet changes every epoch (a hostile peer
+    cannot choose its partners, and no pair of peers is stuck in one group).
+    """
+    members = sorted(set(ready))
+    if not members:
+        raise ValueError("a plan needs at least one ready peer")
+    if group_size < 1:
+        raise ValueError("group_size must be at least 1")
+    plan_id = ready_set_id(epoch, digest, members)
+    random.Random(plan_id).shuffle(members)
+    count = -(-len(members) // group_size)
+    groups = tuple(tuple(members[a:b]) for a, b in spans(len(members), count))
+    return Plan(epoch=epoch, digest=digest, plan_id=plan_id, groups=groups)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """A decided cell, as its decider sends it: which peers' work it holds. (The values travel
+    beside it, encoded once.)"""
+
+    cell: Cell
+    members: frozenset[str]  # peers whose pseudo-gradient is in the cell's value
+
+
+def decide(plan: Plan, cell: Cell, partials: Mapping[int, Iterable[str]]) -> Decision:
+    """The decision of ``cell`` from the partials that reached its decider in time: group index ->
+    the members its owner included. A group with no member in its partial adds nothing."""
+    return Decision(cell, frozenset(p for g, included in partials.items() for p in included))
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a peer does with a round: step or not, and which of its work it carries over.
+
+    ``apply``: take the outer step with the assembled average (undecided cells are zero).
+    ``decided``: the share of the vector's values whose cell was decided and reached us.
+    ``contributors``: peers whose work is in every decided cell (in the state entire).
+    ``included``: per peer, the share of its work (by values) in the state.
+    ``carried``: our own (start, stop) ranges that no decision included: rebased into our next
+    pseudo-gradient, so a failure costs that work a delay, not the work.
+    """
+
+    apply: bool
+    decided: float
+    contributors: list[str]
+    included: dict[str, float]
+    carried: list[tuple[int, int]]
+    missing: list[Cell]
+
+
+def assemble(plan: Plan, me: str, decisions: Mapping[Cell, Decision], size: int, quorum: float = 0.5) -> Outcome:
+    """Judge a round from the decisions that reached ``me``.
+
+    The round applies when the decided cells hold more than ``quorum`` of the values. Below it,
+    this peer is on the wrong side of a split (its plan's deciders were mostly elsewhere: another
+    view of the ready set, a partition): stepping would make a second state, so it steps not,
+    carries all its work and catches up with the swarm's state (:mod:`p2pdiloco.catchup`). Two
+    plans of disjoint deciders can both pass a quorum only if the ready set is split in two
+    halves that cannot see each other; the fork rule settles that case, as before.
+    """
+    weights = {p: 0 for p in plan.peers}
+    decided, carried, missing = 0, [], []
+    for cell, (start, stop) in plan.cell_spans(size).items():
+        decision = decisions.get(cell)
+        if decision is None:
+            missing.append(cell)
+            carried.append((start, stop))
+            continue
+        decided += stop - start
+        for p in decision.members:
+            if p in weights:
+                weights[p] += stop - start
+        if me not in decision.members:
+            carried.append((start, stop))
+    apply = decided > quorum * size
+    if not apply:
+        carried = [(0, size)]
+    contributors = sorted(p for p, w in weights.items() if apply and decided and w == decided)
+    included = {p: (w / size if apply else 0.0) for p, w in weights.items()}
+    return Outcome(apply=apply, decided=decided / size, contributors=contributors, included=included,
+                   carried=_merge(carried), missing=missing)
+
+
+def _merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(r for r in ranges if r[1] > r[0]):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return merged
+
+
+def bytes_sent(plan: Plan, peer: str, size: int, payload: Callable[[int], int]) -> dict[str, int]:
+    """Bytes ``peer`` sends in each stage of a round without failures; ``payload(values)``: the
+    codec's serialized size of that many values.
+
+    stage 1: its columns to their owners (not its own); stage 2 (owners): its partial's cells to
+    their deciders (not its own), then (deciders) each decided cell to the column's other owners;
+    stage 3 (owners): the column's cells to the group's other members.
+    """
+    g = plan.group_of(peer)
+    own = plan.column_of(peer)
+    cells = plan.cell_spans(size)
+    sent = {"members": 0, "partials": 0, "decisions": 0, "forward": 0}
+    for c in range(plan.columns):
+        if c != own:
+            start, stop = plan.column_span(c, size)
+            sent["members"] += payload(stop - start)
+    if own is not None:
+        for h in range(len(plan.groups)):
+            start, stop = cells[(own, h)]
+            if h != g:
+                sent["partials"] += payload(stop - start)
+            else:
+                sent["decisions"] += (len(plan.groups) - 1) * payload(stop - start)
+            sent["forward"] += (len(plan.groups[g]) - 1) * payload(stop - start)
+    return sent
+
+
+def butterfly_bound(n: int, size: int, payload: Callable[[int], int]) -> float:
+    """What each of ``n`` peers sends in one all-reduce over all of them: 2 (n-1)/n of the payload."""
+    return 2 * (n - 1) / n * payload(size)
