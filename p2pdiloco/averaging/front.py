@@ -11,6 +11,7 @@ runs in the averager process (:mod:`p2pdiloco.averaging.process`), reached throu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -263,7 +264,12 @@ class PseudoGradientAverager:
             flagged = []
         if not torch.isfinite(average).all():  # e.g. our own slice, if we were the one sending NaN
             raise AveragingFailed(f"round of epoch {epoch} produced non-finite values; round discarded")
-        self._commit(epoch, gathered)
+        try:
+            banned = self.banned()
+        except Exception as e:  # then a member left out for garbage holds the commit up until commit_s
+            log.debug("could not read the banned peers: %r", e)
+            banned = []
+        self._commit(epoch, gathered, excused=banned)
         return RoundResult(
             average=average,
             group=sorted(gathered),
@@ -275,10 +281,10 @@ class PseudoGradientAverager:
             decode_s=float(traffic[DECODE_S]),
             residual=None if self._averager.residual is None else self._averager.residual.clone(),
             flagged=flagged,
-            contributors=sorted(set(gathered) - set(self.banned())),
+            contributors=sorted(set(gathered) - set(banned)),
         )
 
-    def _commit(self, epoch: int, gathered: dict[str, Any]) -> None:
+    def _commit(self, epoch: int, gathered: dict[str, Any], excused: Sequence[str]) -> None:
         """Confirm that we hold the whole result, and wait (bounded by ``cfg.commit_s``) until every
         other member confirmed too; raise :class:`AveragingFailed` otherwise.
 
@@ -286,23 +292,36 @@ class PseudoGradientAverager:
         a member that received every slice steps, while the one that missed a slice fails and
         averages again, at the same epoch, with whoever is left: two states at one epoch. With it,
         a member steps only when every member holds the same result, so a failure on the way back
-        makes the whole group retry. What remains is a confirmation lost between two members that
-        both hold the result, a window of one small DHT write instead of a whole transfer. Members
-        that a reducer left out for sending garbage never hold the result and are not waited for.
+        makes the whole group retry.
+
+        Our own confirmation must reach another DHT node (:func:`_store_elsewhere`), or we do not
+        step: hivemind's store also keeps a copy on the node itself and reports success from it,
+        so a member whose link just failed would otherwise read its own record, and the others'
+        copies replicated to it before the cut, and step alone while the others, who never see
+        its record, retry without it (seen in CI as test_partition's fork). What remains is a
+        confirmation stored elsewhere that the others fail to find within ``commit_s``.
+        ``excused`` members (left out by a reducer for sending garbage) never hold the result and
+        are not waited for.
         """
         key = f"{self._averager.prefix}.done.{round_key(gathered)}"
         dht = self._averager.dht
         try:
-            dht.store(key, subkey=self.peer_id, value=True, expiration_time=get_dht_time() + DONE_TTL_S,
-                      return_future=True).result(timeout=self.cfg.request_s)
+            stored = dht.run_coroutine(functools.partial(_store_elsewhere, key, self.peer_id, get_dht_time() + DONE_TTL_S),
+                                       return_future=True).result(timeout=self.cfg.request_s)
         except Exception as e:
-            log.debug("could not store this round's confirmation: %r", e)  # the others will not step: nor do we
+            stored, reason = False, repr(e)
+        else:
+            reason = "no other DHT node took it"
+        if not stored:
+            self.one_sided += 1
+            raise AveragingFailed(f"round of epoch {epoch}: the result is complete here, but this peer's confirmation reached "
+                                  f"no other peer ({reason}); not applied, so it does not step alone")
         deadline, missing = time.monotonic() + self.cfg.commit_s, set(gathered) - {self.peer_id}
         while True:
             try:
                 found = dht.get(key, latest=True, return_future=True).result(timeout=self.cfg.request_s)
                 done = set(found.value) if found is not None and isinstance(found.value, dict) else set()
-                missing = unconfirmed(gathered, done | {self.peer_id}, self.banned())
+                missing = unconfirmed(gathered, done | {self.peer_id}, excused)
             except Exception as e:
                 log.debug("could not read this round's confirmations: %r", e)
             if not missing:
@@ -345,3 +364,10 @@ class PseudoGradientAverager:
             except Exception as e:
                 log.debug("averager shutdown: %r", e)
         ensure_stopped(self._averager)
+
+
+async def _store_elsewhere(key: str, subkey: str, expiration_time: float, dht, node) -> bool:
+    """Runs in the DHT's process (``DHT.run_coroutine``): store ``key[subkey] = True`` on other
+    nodes only, and say whether at least one of them took it (see ``PseudoGradientAverager._commit``)."""
+    stored = await node.store(key, True, expiration_time, subkey=subkey, exclude_self=True)
+    return bool(stored)
