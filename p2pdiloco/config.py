@@ -115,6 +115,11 @@ class AveragingConfig(_Strict):
         10.0, gt=0, description="after a complete all-reduce, how long a member waits for every other member to confirm "
         "it holds the result too; without every confirmation nobody applies it (no member steps alone)",
     )
+    protocol: Literal["groups", "two_level"] = Field(
+        "groups", description="groups: hivemind matchmaking, one group's state is kept when several average at "
+        "one epoch; two_level: every ready peer in one round of groups of target_group_size whose averages meet "
+        "across groups (docs/scaling.md), each stage waiting at most next_chunk_s of silence",
+    )
     grace_s: float = Field(
         60.0, ge=0, description="grace time: how long a ready peer waits for same-epoch peers still training; "
         "stragglers later than this miss the round and bring their work to a later one",

@@ -10,7 +10,8 @@ hostile for good):
   ``allreduce`` (the averager process has sent its first part to a group member),
   ``send`` (the host process is handing its pseudo-gradient to the averager),
   ``part`` (the averager process is encoding one of its parts for a reducer),
-  ``inner`` (an inner training step is about to run);
+  ``inner`` (an inner training step is about to run), ``partials`` (two-level round: an owner has
+  reduced its group's column and is about to send its cells to their deciders);
 - actions: ``kill`` (SIGKILL of the peer's whole process group: Python, DHT, averager, p2pd),
   ``stop`` (SIGSTOP of the group: a frozen laptop; the test resumes it with SIGCONT),
   ``nan`` (only at ``send``: the pseudo-gradient goes on the wire as NaN, bypassing the peer's own
@@ -35,7 +36,7 @@ from collections import Counter
 import torch
 
 ENV = "P2PDILOCO_FAULT"
-POINTS = ("matchmaking", "allreduce", "send", "part", "inner")
+POINTS = ("matchmaking", "allreduce", "send", "part", "inner", "partials")
 ACTIONS = ("kill", "stop", "nan", "inf", "scale", "random", "truncate", "oom")
 CORRUPTIONS = ("nan", "inf", "scale", "random")  # the actions at "send": what goes out instead (see corrupt)
 _ONLY_AT = {"nan": "send", "inf": "send", "scale": "send", "random": "send", "truncate": "part", "oom": "inner"}

@@ -142,8 +142,9 @@ class Peer:
         self.averager = self.catchup.averager = PseudoGradientAverager.for_run(
             self.dht, run, self.outer.size, state_fn=self.catchup.serve, client_mode=self.client_mode, secret=self.secret,
         )
-        # Error feedback: what quantization dropped from our last contribution, sent with the next.
-        self.residual = torch.zeros(self.outer.size) if run.error_feedback else None
+        # Error feedback: what quantization dropped from our last contribution, sent with the next;
+        # in two-level rounds also the spans of it that no decision included (carried over).
+        self.residual = torch.zeros(self.outer.size) if run.error_feedback or run.averaging.protocol == "two_level" else None
         if peer.checkpoint_dir:
             self._resume(peer.checkpoint_dir)
 
@@ -296,8 +297,13 @@ class Peer:
     def _take_average(self, group: RoundResult | None, pending: PendingRound) -> torch.Tensor:
         """The pseudo-gradient the outer step applies; error feedback keeps what the codec dropped."""
         if group is not None:
-            if self.residual is not None and group.residual is not None:
-                self.residual.copy_(group.residual)
+            if self.residual is not None:
+                if group.residual is not None:
+                    self.residual.copy_(group.residual)
+                else:
+                    self.residual.zero_()
+                for start, stop in pending.carried:  # two-level: work no decision included goes next time
+                    self.residual[start:stop] = pending.delta[start:stop]
             return group.average
         log.info("no other peer in the run: applying this peer's own pseudo-gradient")
         if self.residual is not None:

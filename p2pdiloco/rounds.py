@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 
 from p2pdiloco import pace
+from p2pdiloco import plan as planning
+from p2pdiloco.averaging.front import RoundResult
 from p2pdiloco.config import RunConfig
 from p2pdiloco.errors import AveragingFailed
 from p2pdiloco.presence import Presence
@@ -42,6 +44,9 @@ class PendingRound:
     future: Future | None = None
     waiting_alone: bool = True  # no other peer at our state is ready yet: the main loop trains on
     stage: str = "waiting for peers"  # for the console view: "averaging" once the all-reduce starts
+    # Two-level rounds: (start, stop) spans of ``delta`` that no decision included; the peer keeps
+    # them for its next round instead of losing them (docs/scaling.md).
+    carried: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def refresh(self, delta: torch.Tensor, base: torch.Tensor, sent: pace.Work) -> bool:
@@ -91,6 +96,8 @@ class Round:
             return None
         pending.stage = "averaging"
         try:
+            if self.run.averaging.protocol == "two_level":
+                return self.two_level(pending, delta, tokens, epoch, digest, ready)
             return self.averager.average(delta, epoch=epoch, state_hash=digest, weight=tokens,
                                          gather={"peer": self.peer_id}, expected_size=len(ready) + 1)
         except AveragingFailed as e:
@@ -99,6 +106,30 @@ class Round:
             if self.stop.is_set() or self.view.swarm_epoch(self.presence.live_others() or {}) > epoch:
                 return "behind"
             return None
+
+    def two_level(self, pending: PendingRound, delta: torch.Tensor, tokens: int, epoch: int, digest: str,
+                  ready: list[str]):
+        """One two-level round with every peer ready at our state (docs/scaling.md): the plan comes
+        from the ready set as we read it, so peers that read the same set meet without matchmaking.
+
+        A round below the quorum (peers that read another set, or too many deaths) is no round: the
+        work stays and goes at the next attempt. Otherwise the spans of our pseudo-gradient that no
+        decision included are carried: :meth:`PendingRound.carry` keeps them for the next round.
+        """
+        plan = planning.make_plan(epoch, digest, [self.peer_id, *ready], self.run.target_group_size)
+        result = self.averager.average_plan(delta, plan, weight=tokens)
+        outcome = result.outcome
+        if not outcome.apply:
+            log.warning("epoch %d: two-level round of %d peers decided %.0f %% of the values, below the quorum; "
+                        "not applied, the work goes at the next attempt", epoch, len(plan.peers), 100 * outcome.decided)
+            return None
+        if outcome.carried:
+            log.info("epoch %d: %.1f %% of this peer's pseudo-gradient missed the round's decisions; carried to the next",
+                     epoch, 100 * sum(b - a for a, b in outcome.carried) / delta.numel())
+        pending.carried = outcome.carried
+        return RoundResult(average=result.average, group=sorted(plan.peers), gathered={}, seconds=result.seconds,
+                           bytes_sent=result.bytes_sent, bytes_received=result.bytes_received, encode_s=0.0, decode_s=0.0,
+                           residual=result.residual, contributors=outcome.contributors)
 
     def wait_for_peers(self, pending: PendingRound):
         """Wait (bounded) for the live peers at or behind our epoch to be ready.

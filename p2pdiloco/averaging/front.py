@@ -22,7 +22,7 @@ from hivemind.compression import NoCompression
 from hivemind.p2p import PeerID
 from hivemind.utils import MPFuture, get_dht_time
 
-from p2pdiloco import faults
+from p2pdiloco import faults, plan as planning
 from p2pdiloco.auth import RunSecret
 from p2pdiloco.averaging.process import _Averager
 from p2pdiloco.averaging.runner import DECODE_S, ENCODE_S, RECEIVED, SENT
@@ -54,6 +54,19 @@ class RoundResult:
     # Peers whose pseudo-gradients are in the average (the epoch's state): the group, until
     # averages reach across groups (docs/scaling.md).
     contributors: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class PlanRoundResult:
+    """What one two-level round (:meth:`PseudoGradientAverager.average_plan`) gave this peer."""
+
+    average: torch.Tensor  # the decided cells' means, zero where a cell was not decided
+    outcome: planning.Outcome  # apply or not, contributors, what of our work to carry over
+    decisions: dict  # cell -> the peers whose work that cell holds
+    seconds: float
+    bytes_sent: int
+    bytes_received: int
+    residual: torch.Tensor | None = None  # error feedback: what quantizing our columns dropped
 
 
 class PseudoGradientAverager:
@@ -282,6 +295,42 @@ class PseudoGradientAverager:
             residual=None if self._averager.residual is None else self._averager.residual.clone(),
             flagged=flagged,
             contributors=sorted(set(gathered) - set(banned)),
+        )
+
+    def average_plan(self, pseudo_gradient: torch.Tensor, plan: planning.Plan, *, weight: float,
+                     quorum: float = 0.5) -> PlanRoundResult:
+        """One two-level round (docs/scaling.md) with the peers of ``plan``, which every one of them
+        computed from the same ready set (:func:`p2pdiloco.plan.make_plan`): no matchmaking.
+
+        Every message waits at most ``cfg.next_chunk_s`` of silence, the whole round at most
+        ``cfg.round_s``. The result says whether to step (:func:`p2pdiloco.plan.assemble`: the
+        decided cells hold more than ``quorum`` of the values) and which spans of our own
+        pseudo-gradient no decision included (carry them into the next round).
+        """
+        cfg = self.cfg
+        if self.peer_id not in plan.peers:
+            raise AveragingFailed(f"this peer is not in the plan of epoch {plan.epoch}")
+        with self._averager.get_tensors() as (buffer,):
+            buffer.copy_(pseudo_gradient)
+        if not self._averager.is_alive():
+            raise AveragingFailed("the averager process is not running")
+        started, before = time.monotonic(), self._averager.traffic.clone()
+        try:
+            answer = self._call("_two_level_round", cfg.round_s + cfg.request_s, groups=[list(g) for g in plan.groups],
+                                plan_id=plan.plan_id, epoch=plan.epoch, digest=plan.digest, weight=float(weight),
+                                silence_s=cfg.next_chunk_s, deadline_s=cfg.round_s)
+        except Exception as e:
+            raise AveragingFailed(f"two-level round of epoch {plan.epoch} failed: {type(e).__name__}: {e}") from None
+        decisions = {tuple(cell): frozenset(members) for cell, members in answer["decisions"].items()}
+        outcome = planning.assemble(plan, self.peer_id, {c: planning.Decision(c, m) for c, m in decisions.items()},
+                                    pseudo_gradient.numel(), quorum)
+        traffic = self._averager.traffic.clone() - before
+        with self._averager.get_tensors() as (buffer,):
+            average = buffer.clone()
+        return PlanRoundResult(
+            average=average, outcome=outcome, decisions=decisions, seconds=time.monotonic() - started,
+            bytes_sent=int(traffic[SENT]), bytes_received=int(traffic[RECEIVED]),
+            residual=None if self._averager.residual is None else self._averager.residual.clone(),
         )
 
     def _commit(self, epoch: int, gathered: dict[str, Any], excused: Sequence[str]) -> None:

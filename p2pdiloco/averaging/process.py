@@ -29,6 +29,7 @@ from hivemind.utils.streaming import combine_from_streaming
 
 from p2pdiloco.auth import RunSecret
 from p2pdiloco.averaging.runner import DECODE_S, ENCODE_S, ConsistentAllReduceRunner, SenderCodec
+from p2pdiloco.averaging.twolevel import TwoLevel
 from p2pdiloco.averaging.wire import decode_gather
 from p2pdiloco.codecs import Codec
 from p2pdiloco.config import AggregationConfig
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # The class name is on the wire: hivemind names each rpc handler "{class name}.{method}", so
 # renaming it changes the protocol every peer speaks.
-class _Averager(DecentralizedAverager):
+class _Averager(TwoLevel, DecentralizedAverager):
     """hivemind's averager with the consistent runner, shared counters, an error-feedback buffer
     and pluggable state."""
 
@@ -58,6 +59,8 @@ class _Averager(DecentralizedAverager):
         self._refused_downloads: set[PeerID] = set()  # logged once each
         self._request_s = float(kwargs.get("request_timeout") or 3.0)  # bounds our own DHT reads
         self._last_flagged: list[str] = []  # members flagged in the last round, for the host to take
+        # Two-level rounds (TwoLevel): messages may come before our own first round starts.
+        self._tl_size, self._tl_silence = size, float(kwargs.get("next_chunk_timeout") or 10.0)
         super().__init__(tensors, *args, compression=codec, **kwargs)
 
     def _ban(self, peer_id: PeerID, reason: str) -> None:

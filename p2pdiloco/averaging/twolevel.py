@@ -1,0 +1,430 @@
+"""The two-level round over the wire (docs/scaling.md): the part that runs in the averager process.
+
+:mod:`p2pdiloco.plan` decides everything (who owns which column, who decides which cell, what a
+peer applies and carries); this module moves the bytes it names, with hivemind's p2p streams and
+no matchmaking. Every peer that read the same ready set builds the same plan, so it knows whom to
+send to and whom to wait for without asking anybody.
+
+One message kind per stage, each a stream of :class:`averaging_pb2.AveragingData` whose first
+message carries a small header (in ``group_id``: plan, kind, index, weight, members) and whose
+``tensor_part`` s are the run's codec bytes, cut in chunks:
+
+- ``column``: a member's column ``c`` of its pseudo-gradient, to its group's owner of ``c``
+  (encoded with error feedback, as the butterfly's parts are);
+- ``partial``: an owner's group partial for cell ``(c, h)``, to the cell's decider, with the
+  weight and the members it includes;
+- ``decision``: a decided cell, encoded **once** by its decider, to the column's other owners;
+- ``forward``: the same bytes, unchanged, from an owner to the members of its group;
+- ``fetch`` (the repair step): "send me cell ``(c, h)`` if you hold it", answered with its bytes.
+
+Nothing a stranger sends is trusted: headers are type-checked, a part must decode to the size
+the plan says and hold finite values, and a message larger than the whole pseudo-gradient in
+fp32 is refused. Messages may arrive before our own round starts (a faster peer): the
+:class:`Mailbox` keeps them, for a few recent plans only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, AsyncIterator
+
+import torch
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.asyncio import aiter_with_timeout, anext
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+from p2pdiloco import faults, plan as planning, robust
+from p2pdiloco.averaging.runner import RECEIVED, SENT
+from p2pdiloco.averaging.wire import all_finite, usable_contribution
+
+log = logging.getLogger(__name__)
+
+KINDS = ("column", "partial", "decision", "forward", "fetch")
+CHUNK_BYTES = 1 << 19  # the size of one streamed chunk (hivemind's parts are 512 KB too)
+KEPT_PLANS = 8  # rounds whose messages and decisions a peer keeps (late arrivals, repair requests)
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """What a message is: the plan it belongs to, its kind, the column (``column``) or cell it
+    carries, the sender's weight (tokens) and, for partials and decisions, whose work it holds."""
+
+    plan_id: str
+    kind: str
+    index: tuple[int, ...]
+    weight: float = 0.0
+    members: tuple[str, ...] = ()
+
+    def dump(self) -> dict:
+        return {"plan": self.plan_id, "kind": self.kind, "index": list(self.index), "weight": self.weight,
+                "members": list(self.members)}
+
+    @classmethod
+    def load(cls, raw: Any) -> "Header":
+        """Parse a stranger's header; raises ValueError naming what is wrong."""
+        if not isinstance(raw, dict):
+            raise ValueError("the header is not a map")
+        plan_id, kind, index = raw.get("plan"), raw.get("kind"), raw.get("index")
+        weight, members = raw.get("weight", 0.0), raw.get("members", [])
+        if not isinstance(plan_id, str) or len(plan_id) > 64:
+            raise ValueError("bad plan id")
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {str(kind)[:20]!r}")
+        if not isinstance(index, (list, tuple)) or not 1 <= len(index) <= 2 or not all(isinstance(i, int) and 0 <= i < 1 << 20 for i in index):
+            raise ValueError("bad index")
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError("bad weight")
+        if not isinstance(members, (list, tuple)) or len(members) > 1 << 16 or not all(isinstance(m, str) and len(m) < 100 for m in members):
+            raise ValueError("bad members")
+        return cls(plan_id, kind, tuple(index), float(weight), tuple(members))
+
+
+class Mailbox:
+    """Messages of recent rounds, by plan and ``(kind, index, sender)``; filled by the rpc handler,
+    awaited by the round. Only the last :data:`KEPT_PLANS` plans are kept, so a stranger cannot
+    fill our memory with messages for rounds that never run."""
+
+    def __init__(self):
+        self._plans: collections.OrderedDict[str, dict[tuple, asyncio.Future]] = collections.OrderedDict()
+        self.activity: dict[str, float] = {}  # plan -> when a chunk last arrived for it
+
+    def _slots(self, plan_id: str) -> dict[tuple, asyncio.Future]:
+        if plan_id not in self._plans:
+            self._plans[plan_id] = {}
+            while len(self._plans) > KEPT_PLANS:
+                old, _ = self._plans.popitem(last=False)
+                self.activity.pop(old, None)
+        return self._plans[plan_id]
+
+    def slot(self, plan_id: str, key: tuple) -> asyncio.Future:
+        slots = self._slots(plan_id)
+        if key not in slots:
+            slots[key] = asyncio.get_event_loop().create_future()
+        return slots[key]
+
+    def put(self, plan_id: str, key: tuple, value: Any) -> None:
+        future = self.slot(plan_id, key)
+        if not future.done():  # the first message for a key counts: a replay changes nothing
+            future.set_result(value)
+
+    def get(self, plan_id: str, key: tuple) -> Any | None:
+        future = self._plans.get(plan_id, {}).get(key)
+        return future.result() if future is not None and future.done() else None
+
+    def touch(self, plan_id: str) -> None:
+        self.activity[plan_id] = time.monotonic()
+
+    async def take(self, plan_id: str, keys: list[tuple], silence_s: float) -> dict[tuple, Any]:
+        """Wait until every key arrived, or until ``silence_s`` passed with no chunk arriving for
+        this plan (a dead or late sender); return what arrived."""
+        futures = {key: self.slot(plan_id, key) for key in keys}
+        self.touch(plan_id)
+        while not all(f.done() for f in futures.values()):
+            left = self.activity.get(plan_id, 0.0) + silence_s - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.wait([f for f in futures.values() if not f.done()], timeout=left)
+        return {key: f.result() for key, f in futures.items() if f.done()}
+
+
+class TwoLevel:
+    """The two-level round, mixed into the averager (:class:`~p2pdiloco.averaging.process._Averager`),
+    whose p2p, codec, aggregation rule, error-feedback buffer, counters and bans it uses."""
+
+    def _mailbox(self) -> Mailbox:
+        if getattr(self, "_tl_mailbox", None) is None:
+            self._tl_mailbox = Mailbox()
+        return self._tl_mailbox
+
+    # ------------------------------------------------------------------ the wire
+    async def rpc_two_level(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+                            ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """Receive one message of a two-level round (or answer a repair request)."""
+        sender = context.remote_id
+        refused = averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+        if sender in self._banned or not await self._published_member(sender):  # closed runs: members only
+            yield refused
+            return
+        try:
+            first = await asyncio.wait_for(anext(stream), self._tl_silence_s())
+            header = Header.load(self.serializer.loads(first.group_id))
+        except Exception as e:
+            log.debug("two-level message from %s refused: %r", sender, e)
+            yield refused
+            return
+        box = self._mailbox()
+        if header.kind == "fetch":
+            # Read the asker's end of stream first: answering and closing before it arrives breaks
+            # the asker's pipe, and its read then fails although the answer came.
+            try:
+                async for _ in aiter_with_timeout(stream, self._tl_silence_s()):
+                    pass
+            except Exception:
+                yield refused
+                return
+            # A holder still waiting for the cell (a decider on its partials, an owner on the
+            # decision) answers once it has it: "not here" too early would leave the asker
+            # without a cell the others hold, a second state.
+            slot = box.slot(header.plan_id, ("held", header.index))
+            try:
+                held = await asyncio.wait_for(asyncio.shield(slot), self._tl_silence_s())
+            except asyncio.TimeoutError:
+                held = None
+            if held is None:
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART)  # no header: "not here"
+                return
+            async for message in self._tl_messages(held[0], held[1]):
+                yield message
+            return
+        limit = 4 * self._tl_size + (1 << 20)  # nothing legitimate is larger than the fp32 vector
+        chunks, received = [first.tensor_part], first.ByteSize()
+        try:
+            async for message in aiter_with_timeout(stream, self._tl_silence_s()):
+                received += message.ByteSize()
+                if received > limit:
+                    raise ValueError(f"over {limit} bytes")
+                chunks.append(message.tensor_part)
+                box.touch(header.plan_id)
+        except Exception as e:
+            log.debug("two-level %s from %s failed: %r", header.kind, sender, e)
+            yield refused
+            return
+        self.traffic[RECEIVED] += received
+        box.put(header.plan_id, (header.kind, header.index, sender.to_base58()), (header, combine_from_streaming(chunks)))
+        box.touch(header.plan_id)
+        yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART)
+
+    async def _tl_messages(self, header: Header, serialized: runtime_pb2.Tensor) -> AsyncIterator[averaging_pb2.AveragingData]:
+        metadata = self.serializer.dumps(header.dump())
+        for i, chunk in enumerate(split_for_streaming(serialized, CHUNK_BYTES)):
+            message = averaging_pb2.AveragingData(tensor_part=chunk, group_id=metadata if i == 0 else b"")
+            self.traffic[SENT] += message.ByteSize()
+            yield message
+
+    async def _tl_send(self, peer: str, header: Header, serialized: runtime_pb2.Tensor) -> bool:
+        """Send one message; whether the receiver took it. A failure is the receiver's (dead, late)."""
+        if peer == self._tl_me:
+            self._mailbox().put(header.plan_id, (header.kind, header.index, peer), (header, serialized))
+            return True
+        try:
+            stub = self.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
+            replies = await stub.rpc_two_level(self._tl_messages(header, serialized))
+            reply = await asyncio.wait_for(anext(replies), self._tl_silence_s())
+            return reply.code == averaging_pb2.AVERAGED_PART
+        except Exception as e:
+            log.debug("two-level %s to %s failed: %r", header.kind, peer, e)
+            return False
+
+    async def _tl_fetch(self, peer: str, plan_id: str, cell: planning.Cell) -> tuple[Header, runtime_pb2.Tensor] | None:
+        """The repair step: ask ``peer`` for a decided cell it holds."""
+        try:
+            stub = self.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
+            ask = averaging_pb2.AveragingData(group_id=self.serializer.dumps(Header(plan_id, "fetch", cell).dump()))
+            replies = await stub.rpc_two_level(_one(ask))
+            chunks, header = [], None
+            # The holder may wait up to the silence for the cell itself before it answers.
+            async for message in aiter_with_timeout(replies, 2 * self._tl_silence_s()):
+                if header is None:
+                    if not message.group_id:
+                        return None
+                    header = Header.load(self.serializer.loads(message.group_id))
+                self.traffic[RECEIVED] += message.ByteSize()
+                chunks.append(message.tensor_part)
+            if header is None or header.kind != "decision" or header.index != tuple(cell) or header.plan_id != plan_id:
+                return None
+            return header, combine_from_streaming(chunks)
+        except Exception as e:
+            log.debug("repair of cell %s from %s failed: %r", cell, peer, e)
+            return None
+
+    def _tl_usable(self, sender: str, header: Header, serialized: runtime_pb2.Tensor, n: int) -> torch.Tensor | None:
+        """A received column or partial as values, or None (and the sender banned) if it does not
+        decode, holds other than ``n`` values, non-finite ones or a non-positive weight."""
+        try:
+            values = self._codec.extract(serialized).reshape(-1)
+        except ValueError as e:
+            self._ban(PeerID.from_base58(sender), f"sent a malformed {header.kind} ({e})")
+            return None
+        if values.numel() != n or not usable_contribution(values, header.weight):
+            self._ban(PeerID.from_base58(sender), f"sent a non-finite or wrong-sized {header.kind}")
+            return None
+        return values
+
+    def _tl_silence_s(self) -> float:
+        return float(getattr(self, "_tl_silence", 10.0))
+
+    # ------------------------------------------------------------------ the round
+    async def _two_level_round(self, groups: list[list[str]], plan_id: str, epoch: int, digest: str, weight: float,
+                               silence_s: float, deadline_s: float, future) -> None:
+        """Run this peer's part of one round; the assembled average (undecided cells zero) goes
+        into the shared buffer, and ``future`` gets ``{"decisions": {cell: members}}`` of the
+        decisions held. Past ``deadline_s`` the round is abandoned and the buffer left alone."""
+        plan = planning.Plan(epoch=epoch, digest=digest, plan_id=plan_id, groups=tuple(tuple(g) for g in groups))
+        self._tl_sends: list[asyncio.Task] = []
+        try:
+            future.set_result(await asyncio.wait_for(self._tl_round(plan, weight, silence_s), deadline_s))
+        except Exception as e:
+            log.debug("two-level round failed: %r", e, exc_info=True)
+            if not future.done():
+                future.set_exception(e)
+        finally:
+            for task in self._tl_sends:
+                task.cancel()
+
+    def _tl_post(self, peer: str, header: Header, serialized: runtime_pb2.Tensor) -> None:
+        """Send in the background: the round goes on to its next wait, which is what bounds it."""
+        self._tl_sends.append(asyncio.create_task(self._tl_send(peer, header, serialized)))
+
+    async def _tl_drain(self, silence_s: float) -> None:
+        """Give our last sends up to ``silence_s`` to finish (receivers may still be reading)."""
+        pending = [t for t in self._tl_sends if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=silence_s)
+
+    async def _tl_round(self, plan: planning.Plan, weight: float, silence_s: float) -> dict:
+        self._tl_silence, me = silence_s, self.peer_id.to_base58()
+        self._tl_me = me
+        with self.get_tensors() as (buffer,):
+            x = buffer.detach().clone()
+        size = self._tl_size = x.numel()
+        box, codec, pid = self._mailbox(), self._codec, plan.plan_id
+        g, own = plan.group_of(me), plan.column_of(me)
+        members = plan.groups[g]
+        cells = plan.cell_spans(size)
+        if self.residual is not None:
+            self.residual.zero_()
+        loop = asyncio.get_event_loop()
+
+        # Stage 1: our columns to their owners (error feedback on what quantizing dropped).
+        def encode_column(c: int) -> runtime_pb2.Tensor:
+            start, stop = plan.column_span(c, size)
+            serialized = codec.compress(x[start:stop])
+            if self.residual is not None:
+                self.residual[start:stop] = x[start:stop] - codec.extract(serialized)
+            return serialized
+
+        for c in range(plan.columns):
+            if c != own:
+                serialized = await loop.run_in_executor(None, encode_column, c)
+                self._tl_post(plan.owner(g, c), Header(pid, "column", (c,), weight), serialized)
+        decisions: dict[planning.Cell, tuple[Header, runtime_pb2.Tensor]] = {}
+        if own is not None:
+            decisions.update(await self._tl_own_column(plan, me, g, own, x, weight, silence_s))
+        # Stage 3 (members): the cells of the other columns, forwarded by their owners in our group.
+        wanted = [(c, h) for c in range(plan.columns) if c != own for h in range(len(plan.groups))]
+        arrived = await box.take(pid, [("forward", cell, plan.owner(g, cell[0])) for cell in wanted], silence_s)
+        for (_, cell, _), (header, serialized) in arrived.items():
+            decisions[cell] = (header, serialized)
+        # Repair: ask the other holders of each cell still missing, all cells at once.
+        async def repair(cell):  # every holder at once: the first that has it answers
+            asks = [asyncio.create_task(self._tl_fetch(holder, pid, cell)) for holder in _holders(plan, cell, me)]
+            try:
+                for answer in asyncio.as_completed(asks):
+                    fetched = await answer
+                    if fetched is not None:
+                        decisions[cell] = fetched
+                        return
+            finally:
+                for ask in asks:
+                    ask.cancel()
+
+        await asyncio.gather(*(repair(cell) for cell in plan.cells() if cell not in decisions))
+        # The assembled average: every held decision decoded from the bytes its decider sent.
+        average = torch.zeros(size)
+        held = {}
+        for cell, (header, serialized) in decisions.items():
+            start, stop = cells[cell]
+            values = codec.extract(serialized).reshape(-1)
+            if values.numel() != stop - start or not all_finite(values):
+                continue  # a malformed decision is an undecided cell (its sender is the one to blame)
+            average[start:stop] = values
+            held[cell] = list(header.members)
+            box.put(pid, ("held", cell), (header, serialized))
+        with self.get_tensors() as (buffer,):
+            buffer.copy_(average)
+        await self._tl_drain(silence_s)  # the members we forward to may still be reading
+        return {"decisions": held}
+
+    async def _tl_own_column(self, plan: planning.Plan, me: str, g: int, own: int, x: torch.Tensor, weight: float,
+                             silence_s: float) -> dict:
+        """As the owner of column ``own`` in group ``g``: reduce the group's column (stage 1), send its
+        cells to their deciders and decide our own cell (stage 2), then forward the column's
+        decisions to our group (stage 3). Returns the decisions of our column that we hold."""
+        box, codec, pid, size = self._mailbox(), self._codec, plan.plan_id, x.numel()
+        loop = asyncio.get_event_loop()
+        start, stop = plan.column_span(own, size)
+        others = [m for m in plan.groups[g] if m != me]
+        got = await box.take(pid, [("column", (own,), m) for m in others], silence_s)
+        parts, weights, included = [x[start:stop]], [weight], [me]
+        for (_, _, sender), (header, serialized) in got.items():
+            part = self._tl_usable(sender, header, serialized, stop - start)
+            if part is None:
+                continue
+            parts.append(part)
+            weights.append(header.weight)
+            included.append(sender)
+        partial, _flagged = await loop.run_in_executor(None, robust.aggregate_with, parts, weights, self._aggregation)
+        group_weight = float(sum(weights))
+        faults.reached("partials")
+        # Stage 2: each cell of our partial to its decider (ourselves for our own group's cell).
+        for h in range(len(plan.groups)):
+            cell = (own, h)
+            a, b = plan.cell_span(cell, size)
+            serialized = await loop.run_in_executor(None, codec.compress, partial[a - start:b - start])
+            self._tl_post(plan.decider(cell), Header(pid, "partial", cell, group_weight, tuple(included)), serialized)
+        mine = (own, g)
+        owners = [plan.owner(h, own) for h in range(len(plan.groups))]
+        partials = await box.take(pid, [("partial", mine, o) for o in owners], silence_s)
+        held = {}
+        if partials:
+            total, acc, contributors = 0.0, None, set()
+            a, b = plan.cell_span(mine, size)
+            for (_, _, sender), (header, serialized) in partials.items():
+                values = self._tl_usable(sender, header, serialized, b - a)
+                if values is None:
+                    continue
+                acc = values * header.weight if acc is None else acc.add_(values, alpha=header.weight)
+                total += header.weight
+                contributors.update(header.members)
+            if acc is not None:
+                serialized = await loop.run_in_executor(None, codec.compress, acc / total)  # encoded once: the same bytes for all
+                decision = Header(pid, "decision", mine, total, tuple(sorted(contributors)))
+                held[mine] = (decision, serialized)
+                box.put(pid, ("held", mine), held[mine])
+                for o in owners:
+                    if o != me:
+                        self._tl_post(o, decision, serialized)
+        # The other groups' decisions of our column, then all of them to our group, unchanged.
+        others_cells = [(own, h) for h in range(len(plan.groups)) if h != g]
+        got = await box.take(pid, [("decision", cell, plan.decider(cell)) for cell in others_cells], silence_s)
+        for (_, cell, _), value in got.items():
+            held[cell] = value
+            box.put(pid, ("held", cell), value)
+        for cell, (header, serialized) in held.items():
+            forward = dataclasses.replace(header, kind="forward")
+            for m in plan.groups[g]:
+                if m != me:
+                    self._tl_post(m, forward, serialized)
+        return held
+
+
+def _holders(plan: planning.Plan, cell: planning.Cell, me: str) -> list[str]:
+    """Who may hold a decided cell, in the order a repair asks them: its decider, then the column's
+    other owners (each got it in stage 2; their members got it from them)."""
+    c, _ = cell
+    seen, order = {me}, []
+    for p in [plan.decider(cell)] + [plan.owner(h, c) for h in range(len(plan.groups))]:
+        if p not in seen:
+            seen.add(p)
+            order.append(p)
+    return order
+
+
+async def _one(message):
+    yield message

@@ -1,0 +1,98 @@
+"""The two-level round (docs/scaling.md) between real peers: separate processes, real DHTs and
+averagers on loopback, groups from the plan and no matchmaking."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from p2pdiloco import plan as planning
+from p2pdiloco.codecs import make_codec
+
+pytestmark = pytest.mark.swarm
+
+WORKER = Path(__file__).with_name("twolevel_worker.py")
+
+
+def run_workers(tmp_path: Path, count: int, group_size: int, compression: str, faults: dict[int, str] | None = None,
+                silence_s: float = 20.0) -> list[dict | None]:
+    """Start ``count`` workers (rank -> P2PDILOCO_FAULT in ``faults``), wait for all, load the
+    records of those that finished (None for a worker that died)."""
+    faults = faults or {}
+    outs = [tmp_path / f"tl{i}.pt" for i in range(count)]
+    env = dict(os.environ, TL_WORKERS=str(count), TL_ALIVE=str(count - len(faults)), TL_SILENCE_S=str(silence_s))
+    env.pop("P2PDILOCO_FAULT", None)
+
+    def start(i, *peers, **kw):
+        extra = {"P2PDILOCO_FAULT": faults[i]} if i in faults else {}
+        with open(tmp_path / f"tl{i}.log", "w") as log:
+            return subprocess.Popen([sys.executable, str(WORKER), str(outs[i]), str(i), str(group_size), compression, *peers],
+                                    env=dict(env, **extra), start_new_session=True, stderr=log, **kw)
+
+    procs = [start(0, stdout=subprocess.PIPE, text=True)]
+    try:
+        addr = procs[0].stdout.readline().strip()
+        assert addr.startswith("/ip4/"), "the first worker did not start"
+        procs += [start(i, addr) for i in range(1, count)]
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:  # by process group: the worker's DHT, averager and p2pd go with it
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    for i, code in enumerate(codes):
+        assert (code == -signal.SIGKILL) if i in faults else (code == 0), f"worker {i} exited with {code}"
+    return [None if i in faults else torch.load(out) for i, out in enumerate(outs)]
+
+
+def exact_mean(inputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    return sum(x * w for x, w in zip(inputs, weights)) / sum(weights)
+
+
+@pytest.mark.parametrize("compression,tolerance", [("none", 1e-6), ("blockwise8", 0.05)])
+def test_six_peers_in_three_groups_hold_one_state_with_everyones_work(tmp_path, compression, tolerance):
+    results = run_workers(tmp_path, 6, 2, compression)
+    assert not [r["error"] for r in results if "error" in r]
+    plan = planning.Plan(1, "digest", "", results[0]["groups"])
+    assert len(plan.groups) == 3 and plan.columns == 2
+    exact = exact_mean([r["input"] for r in results], [r["weight"] for r in results])
+    peers = sorted(r["peer"] for r in results)
+    for r in results:
+        assert torch.equal(r["average"], results[0]["average"]), "peers hold different averages"
+        assert r["apply"] and r["decided"] == 1.0 and r["carried"] == []
+        assert r["contributors"] == peers, "every ready peer's work is in the state"
+        assert ((r["average"] - exact).norm() / exact.norm()).item() < tolerance
+    # Bytes: what plan.bytes_sent says for each peer, plus the headers (under 2 %).
+    payload = make_codec(compression).payload_size
+    size = results[0]["input"].numel()
+    for r in results:
+        expected = sum(planning.bytes_sent(plan, r["peer"], size, payload).values())
+        assert expected <= r["sent"] < 1.02 * expected + 4096, (r["sent"], expected)
+    bound = planning.butterfly_bound(6, size, payload)
+    assert sum(r["sent"] for r in results) / 6 <= 1.02 * bound
+
+
+def test_an_owner_killed_before_its_partials_costs_its_cells_not_the_state(tmp_path):
+    """Rank 3 dies after reducing its group's column, before sending a cell of it: its own cell is
+    undecided (zero everywhere) and its group's column is missing from the others. The five
+    survivors still end with one state, holding the work of the two intact groups in full."""
+    results = run_workers(tmp_path, 6, 2, "none", faults={3: "partials:kill@1"}, silence_s=4.0)
+    live = [r for r in results if r is not None]
+    assert not [r["error"] for r in live if "error" in r]
+    plan = planning.Plan(1, "digest", "", live[0]["groups"])
+    dead = next(p for p in plan.peers if p not in {r["peer"] for r in live})
+    dead_group = plan.groups[plan.group_of(dead)]
+    for r in live:
+        assert torch.equal(r["average"], live[0]["average"]), "survivors hold different averages"
+        assert r["decisions"] == live[0]["decisions"], "survivors hold different decisions"
+        assert r["apply"], "5 of 6 cells decided: above the quorum"
+        assert 0.5 < r["decided"] < 1.0
+        assert r["contributors"] == sorted(p for p in plan.peers if p not in dead_group)
+    partner = next(r for r in live if r["peer"] in dead_group)
+    assert partner["carried"], "the dead owner's partner carries the part of its work no decision holds"
+    whole = [r for r in live if r["peer"] not in dead_group]
+    assert all(r["carried"] == [] or all((a, b) in plan.cell_spans(r["input"].numel()).values() for a, b in r["carried"]) for r in whole)
