@@ -18,6 +18,8 @@ Each cell is decided once, by one peer, so the same bytes reach everyone: one st
 bound (:func:`bytes_sent`). A dead or late peer costs its cells, not the epoch: an undecided cell
 is a zero update everywhere (:func:`assemble`), and each peer carries the parts of its work that
 no decision included into the next epoch (:class:`Outcome.carried`), so that work is not lost.
+Judging a round is two steps: :func:`judge`, the same for every peer holding the same decisions
+(computed once), and :func:`carried`, each peer's own leftovers; :func:`assemble` composes them.
 
 This module holds every decision of that protocol and no I/O: the lab drives it on a virtual
 clock with seeded faults (:mod:`p2pdiloco.scalesim`), the peers over hivemind.
@@ -26,8 +28,12 @@ clock with seeded faults (:mod:`p2pdiloco.scalesim`), the peers over hivemind.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import itertools
 import random
+import types
+from collections import Counter
 from typing import Callable, Iterable, Mapping, Sequence
 
 Cell = tuple[int, int]  # (column, the group whose owner decides it)
@@ -48,7 +54,7 @@ class Plan:
     plan_id: str  # names the ready set: peers that read another set have another plan and never mix
     groups: tuple[tuple[str, ...], ...]  # members of each group, in order: member c owns column c
 
-    @property
+    @functools.cached_property  # read for every cell and peer: an O(G) min each time adds up to O(N²)
     def columns(self) -> int:
         """``K``: one column per member of the smallest group (a larger group's last member owns none)."""
         return min(len(g) for g in self.groups)
@@ -57,11 +63,20 @@ class Plan:
     def peers(self) -> list[str]:
         return [p for g in self.groups for p in g]
 
+    def _seats(self) -> dict[str, tuple[int, int]]:
+        """peer -> (its group, its place in the group), built once: a lookup per peer must not scan
+        the groups, or asking it for every peer costs O(N²)."""
+        seats = self.__dict__.get("_seat")  # a frozen dataclass may still memoize (as cell_spans)
+        if seats is None:
+            seats = {p: (g, i) for g, members in enumerate(self.groups) for i, p in enumerate(members)}
+            self.__dict__["_seat"] = seats
+        return seats
+
     def group_of(self, peer: str) -> int:
-        for g, members in enumerate(self.groups):
-            if peer in members:
-                return g
-        raise KeyError(f"{peer} is not in this plan")
+        try:
+            return self._seats()[peer][0]
+        except KeyError:
+            raise KeyError(f"{peer} is not in this plan") from None
 
     def owner(self, group: int, column: int) -> str:
         return self.groups[group][column]
@@ -72,7 +87,8 @@ class Plan:
 
     def column_of(self, peer: str) -> int | None:
         """The column ``peer`` owns, or None (the extra member of a larger group)."""
-        c = self.groups[self.group_of(peer)].index(peer)
+        self.group_of(peer)  # the KeyError of a stranger
+        c = self._seats()[peer][1]
         return c if c < self.columns else None
 
     def cells(self) -> list[Cell]:
@@ -130,7 +146,7 @@ class Decision:
 def decide(plan: Plan, cell: Cell, partials: Mapping[int, Iterable[str]]) -> Decision:
     """The decision of ``cell`` from the partials that reached its decider in time: group index ->
     the members its owner included. A group with no member in its partial adds nothing."""
-    return Decision(cell, frozenset(p for g, included in partials.items() for p in included))
+    return Decision(cell, frozenset(itertools.chain.from_iterable(partials.values())))
 
 
 @dataclasses.dataclass
@@ -153,37 +169,106 @@ class Outcome:
     missing: list[Cell]
 
 
-def assemble(plan: Plan, me: str, decisions: Mapping[Cell, Decision], size: int, quorum: float = 0.5) -> Outcome:
-    """Judge a round from the decisions that reached ``me``.
+@dataclasses.dataclass(frozen=True)
+class Judgement:
+    """The part of a round's outcome that is the same on every peer holding the same decisions:
+    :func:`judge` computes it once, :func:`assemble` adds each peer's own ``carried`` to it.
+
+    The fields are :class:`Outcome`'s of the same names; ``included`` is shared by whoever holds
+    this judgement, so it is a read-only view (:func:`assemble` hands each peer its own copy).
+    ``missing_spans``: the undecided cells' ranges (everyone carries them); ``held``: each distinct
+    member set of the decisions with the ranges of the cells decided with exactly those members
+    (a peer carries the ranges of the sets it is not in).
+    """
+
+    plan_id: str
+    size: int
+    quorum: float
+    apply: bool
+    decided: float
+    contributors: tuple[str, ...]
+    included: Mapping[str, float] = dataclasses.field(repr=False)
+    missing: tuple[Cell, ...]
+    missing_spans: tuple[tuple[int, int], ...] = dataclasses.field(repr=False)
+    held: tuple[tuple[frozenset[str], tuple[tuple[int, int], ...]], ...] = dataclasses.field(repr=False)
+
+
+def judge(plan: Plan, decisions: Mapping[Cell, Decision], size: int, quorum: float = 0.5) -> Judgement:
+    """Judge a round from a set of decisions, for every peer of ``plan`` at once.
 
     The round applies when the decided cells hold more than ``quorum`` of the values. Below it,
-    this peer is on the wrong side of a split (its plan's deciders were mostly elsewhere: another
-    view of the ready set, a partition): stepping would make a second state, so it steps not,
-    carries all its work and catches up with the swarm's state (:mod:`p2pdiloco.catchup`). Two
-    plans of disjoint deciders can both pass a quorum only if the ready set is split in two
-    halves that cannot see each other; the fork rule settles that case, as before.
+    the peers holding these decisions are on the wrong side of a split (their plan's deciders
+    were mostly elsewhere: another view of the ready set, a partition): stepping would make a
+    second state, so they step not, carry all their work and catch up with the swarm's state
+    (:mod:`p2pdiloco.catchup`). Two plans of disjoint deciders can both pass a quorum only if the
+    ready set is split in two halves that cannot see each other; the fork rule settles that case.
+
+    A peer's weight is the number of values whose decision holds its work. Decisions with equal
+    ``members`` are gathered first and each distinct member set is walked once: in a round where
+    few things fail, a column's cells mostly hold the same peers, so this is about
+    O(cells + distinct sets × N) rather than O(cells × N) additions (plus hashing each set once).
     """
-    weights = {p: 0 for p in plan.peers}
-    decided, carried, missing = 0, [], []
-    for cell, (start, stop) in plan.cell_spans(size).items():
+    cells = plan.cell_spans(size)
+    decided = 0
+    missing: list[Cell] = []
+    missing_spans: list[tuple[int, int]] = []
+    held: dict[frozenset[str], list[tuple[int, int]]] = {}  # a member set -> the ranges decided with it
+    width_of: Counter[frozenset[str]] = Counter()  # a member set -> how many values those ranges hold
+    for cell, (start, stop) in cells.items():
         decision = decisions.get(cell)
         if decision is None:
             missing.append(cell)
-            carried.append((start, stop))
+            missing_spans.append((start, stop))
             continue
         decided += stop - start
-        for p in decision.members:
-            if p in weights:
-                weights[p] += stop - start
-        if me not in decision.members:
-            carried.append((start, stop))
+        width_of[decision.members] += stop - start
+        held.setdefault(decision.members, []).append((start, stop))
+    weights = {p: 0 for p in plan.peers}  # every peer of the plan, those with nothing included too
+    for members, width in width_of.items():
+        for p in members:
+            if p in weights:  # a member from outside the plan has no share here
+                weights[p] += width
     apply = decided > quorum * size
-    if not apply:
-        carried = [(0, size)]
-    contributors = sorted(p for p, w in weights.items() if apply and decided and w == decided)
-    included = {p: (w / size if apply else 0.0) for p, w in weights.items()}
-    return Outcome(apply=apply, decided=decided / size, contributors=contributors, included=included,
-                   carried=_merge(carried), missing=missing)
+    # Integer weights, so "in every decided cell" is an exact equality.
+    contributors = tuple(sorted(p for p, w in weights.items() if apply and decided and w == decided))
+    included = types.MappingProxyType({p: (w / size if apply else 0.0) for p, w in weights.items()})
+    return Judgement(plan_id=plan.plan_id, size=size, quorum=quorum, apply=apply, decided=decided / size,
+                     contributors=contributors, included=included, missing=tuple(missing),
+                     missing_spans=tuple(missing_spans),
+                     held=tuple((members, tuple(ranges)) for members, ranges in held.items()))
+
+
+def carried(judged: Judgement, me: str) -> list[tuple[int, int]]:
+    """``me``'s own ranges that no decision included, merged: the per-peer part of a round's
+    outcome. Everything when the round does not apply (the peer steps not).
+
+    Each distinct member set of the decisions is asked once whether it holds ``me``, so a peer
+    costs O(distinct sets + its carried ranges), at most O(cells).
+    """
+    if not judged.apply:
+        return _merge([(0, judged.size)])
+    left_out = list(judged.missing_spans)
+    for members, ranges in judged.held:
+        if me not in members:
+            left_out.extend(ranges)
+    return _merge(left_out)
+
+
+def assemble(plan: Plan, me: str, decisions: Mapping[Cell, Decision], size: int, quorum: float = 0.5,
+             judged: Judgement | None = None) -> Outcome:
+    """Judge a round from the decisions that reached ``me``: :func:`judge` then :func:`carried`.
+
+    Every peer holding the same decisions has the same judgement; a caller assembling for many
+    peers (the lab) passes ``judged``, computed once, so each peer costs only its own part. It
+    must be the judgement of this plan, size and quorum, and of the same decisions.
+    """
+    if judged is None:
+        judged = judge(plan, decisions, size, quorum)
+    elif (judged.plan_id, judged.size, judged.quorum) != (plan.plan_id, size, quorum):
+        raise ValueError("the judgement is of another plan, size or quorum")
+    return Outcome(apply=judged.apply, decided=judged.decided, contributors=list(judged.contributors),
+                   included=dict(judged.included), carried=carried(judged, me),
+                   missing=list(judged.missing))
 
 
 def _merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -203,23 +288,26 @@ def bytes_sent(plan: Plan, peer: str, size: int, payload: Callable[[int], int]) 
     stage 1: its columns to their owners (not its own); stage 2 (owners): its partial's cells to
     their deciders (not its own), then (deciders) each decided cell to the column's other owners;
     stage 3 (owners): the column's cells to the group's other members.
+
+    O(K) per peer: a column's ``G`` cells hold ``q`` or ``q + 1`` values (:func:`spans`), so their
+    payloads are summed by count rather than cell by cell (which made the lab's O(N·G) a round).
     """
     g = plan.group_of(peer)
     own = plan.column_of(peer)
-    cells = plan.cell_spans(size)
     sent = {"members": 0, "partials": 0, "decisions": 0, "forward": 0}
-    for c in range(plan.columns):
+    for c, (start, stop) in enumerate(spans(size, plan.columns)):
         if c != own:
-            start, stop = plan.column_span(c, size)
             sent["members"] += payload(stop - start)
     if own is not None:
-        for h in range(len(plan.groups)):
-            start, stop = cells[(own, h)]
-            if h != g:
-                sent["partials"] += payload(stop - start)
-            else:
-                sent["decisions"] += (len(plan.groups) - 1) * payload(stop - start)
-            sent["forward"] += (len(plan.groups[g]) - 1) * payload(stop - start)
+        count = len(plan.groups)
+        start, stop = plan.column_span(own, size)
+        q, r = divmod(stop - start, count)  # r cells of q + 1 values, the others of q
+        column = r * payload(q + 1) + (count - r) * payload(q)  # every cell of the column, each encoded alone
+        start, stop = plan.cell_span((own, g), size)
+        mine = payload(stop - start)  # the cell this peer decides
+        sent["partials"] += column - mine
+        sent["decisions"] += (count - 1) * mine
+        sent["forward"] += (len(plan.groups[g]) - 1) * column
     return sent
 
 

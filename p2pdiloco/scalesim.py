@@ -3,8 +3,9 @@ clock, with seeded faults, to measure what a swarm of any size keeps (docs/scali
 
 Every decision is :mod:`p2pdiloco.plan`'s: each peer builds its plan from the ready set *it*
 read, owners include what reached them, deciders :func:`~p2pdiloco.plan.decide`, each peer
-:func:`~p2pdiloco.plan.assemble` s what reached it. This module only delivers messages, keeps the
-time and injects the faults:
+:func:`~p2pdiloco.plan.assemble` s what reached it (the plan's decisions are judged once,
+:func:`~p2pdiloco.plan.judge`, since every live peer of a plan holds the same ones; each peer adds
+its own carried ranges). This module only delivers messages, keeps the time and injects the faults:
 
 - ``fail``: the share of peers that die in each round, each at a uniform time in it. A peer that
   dies in a stage has sent a uniform share of that stage's messages (one-sided deliveries
@@ -29,6 +30,7 @@ landed + carried + lost = trained, so no work disappears unaccounted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import random
 import statistics
@@ -66,7 +68,8 @@ def _digest(*parts: object) -> str:
 def run(sim: ScaleSim) -> dict:
     """Run ``sim.rounds`` rounds; returns the figures (see the module docstring) and per-round rows."""
     rng = random.Random(sim.seed)
-    payload = make_codec(sim.codec).payload_size
+    # Cells come in a few distinct sizes, and every peer's bytes ask for them: compute each once.
+    payload = functools.lru_cache(maxsize=None)(make_codec(sim.codec).payload_size)
     live = [f"p{i:05d}" for i in range(sim.peers)]
     born = sim.peers
     state = {p: "genesis" for p in live}
@@ -158,17 +161,22 @@ def _round(sim: ScaleSim, rng: random.Random, epoch: int, live: list[str], state
     def alive_after(p: str, k: int) -> bool:
         return p not in death or death[p][0] > k
 
+    # Peers that read the whole set share one view object (a copy per peer would cost O(N²)), and
+    # peers are grouped by view in one pass, in order of first reader (the order the rng is used in).
+    everyone = frozenset(live)
     views = {}
     for p in live:
-        view = set(live)
+        view = everyone
         if sim.view_miss and rng.random() < sim.view_miss and len(live) > 1:
-            view.discard(rng.choice([q for q in live if q != p]))
-        views[p] = frozenset(view)
-    plans: dict[frozenset, planning.Plan] = {}
+            view = everyone - {rng.choice([q for q in live if q != p])}
+        views[p] = view
+    readers: dict[frozenset, list[str]] = {}
     for p in live:
-        if views[p] not in plans:
-            plans[views[p]] = planning.make_plan(epoch, state[p], views[p], sim.group_size)
+        readers.setdefault(views[p], []).append(p)
+    plans: dict[frozenset, planning.Plan] = {
+        view: planning.make_plan(epoch, state[on[0]], view, sim.group_size) for view, on in readers.items()}
 
+    shaky = set(death) | {p for p, _ in late}  # the only peers whose messages may not arrive
     outcomes: dict[str, planning.Outcome] = {}
     digests: dict[str, str] = {}
     # A stage runs to its deadline (wait_s) when a peer it awaits died or was late in it.
@@ -176,19 +184,26 @@ def _round(sim: ScaleSim, rng: random.Random, epoch: int, live: list[str], state
     if len(plans) > 1:
         waited = [True] * len(STAGES)  # members of another plan never send: their partners wait them out
     for view, plan in plans.items():
-        on = {p for p in live if views[p] == view}  # the peers running this plan
-        decisions = _decisions(plan, on, delivers, alive_after)
+        on = set(readers[view])  # the peers running this plan
+        decisions = _decisions(plan, on, delivers, alive_after, shaky)
         survivors = [p for p in on if alive_after(p, len(STAGES) - 1)]
-        for p in survivors:  # the same decisions reach every live peer of the plan (repair: any holder serves a cell)
-            outcomes[p] = planning.assemble(plan, p, decisions, sim.params, sim.quorum)
+        # The same decisions reach every live peer of the plan (repair: any holder serves a cell), so
+        # the plan's judgement is computed once; each survivor adds only its own carried ranges.
+        judged = planning.judge(plan, decisions, sim.params, sim.quorum)
+        applied: dict[str, str] = {}  # the state a step from state[p] makes, per distinct state[p]
+        for p in survivors:
+            outcomes[p] = planning.assemble(plan, p, decisions, sim.params, sim.quorum, judged=judged)
             if outcomes[p].apply:
-                digests[p] = _digest(state[p], plan.plan_id, sorted((c, sorted(d.members)) for c, d in decisions.items()))
+                if state[p] not in applied:
+                    applied[state[p]] = _digest(state[p], plan.plan_id, _decisions_key(decisions))
+                digests[p] = applied[state[p]]
 
     # The fork rule: the state held by the most peers wins; the others download it.
     counts = Counter(digests.values())
     winner = min(counts, key=lambda h: (-counts[h], h)) if counts else digest
     fork_losers = {p for p, h in digests.items() if h != winner}
     holders = [p for p in live if digests.get(p) == winner]
+    holding = set(holders)
     included = {}
     for p, outcome in outcomes.items():
         included[p] = outcome.included.get(p, 0.0) if outcome.apply else 0.0
@@ -197,7 +212,7 @@ def _round(sim: ScaleSim, rng: random.Random, epoch: int, live: list[str], state
     return dict(
         epoch=epoch, peers=len(live), groups=len(true_plan.groups), plans=len(plans),
         state=winner if counts else state[live[0]], forks=max(0, len(counts) - 1),
-        downloads=sum(1 for p in live if alive_after(p, len(STAGES) - 1) and p not in holders),
+        downloads=sum(1 for p in live if alive_after(p, len(STAGES) - 1) and p not in holding),
         died=len(death), decided=outcomes[holders[0]].decided if holders else 0.0,
         contributors=len(outcomes[holders[0]].contributors) if holders else 0,
         round_s=round_s, bytes_per_peer=statistics.mean(totals), bytes_max=max(totals),
@@ -205,12 +220,25 @@ def _round(sim: ScaleSim, rng: random.Random, epoch: int, live: list[str], state
     )
 
 
-def _decisions(plan: planning.Plan, on: set[str], delivers, alive_after) -> dict:
+def _decisions_key(decisions: dict) -> list:
+    """The decisions as a sorted list, for a digest: what a step from one state applies. Each
+    distinct member set is sorted once (a column's cells mostly share one)."""
+    ordered: dict[frozenset, list[str]] = {}
+    for d in decisions.values():
+        if d.members not in ordered:
+            ordered[d.members] = sorted(d.members)
+    return sorted((c, ordered[d.members]) for c, d in decisions.items())
+
+
+def _decisions(plan: planning.Plan, on: set[str], delivers, alive_after, shaky: set[str]) -> dict:
     """The decisions of one plan's round that some live peer of the plan holds at its end.
 
     Stage 0: members' columns to owners; 1: owners' partial cells to deciders; 2: decisions to the
     column's owners; 3: owners forward to their members. A decision reaching any live peer of the
     plan is served to the others on request (the repair step), so it counts for all of them.
+
+    ``shaky``: the peers whose messages may not arrive (dying or late). The others' partials always
+    reach a decider, so they are gathered once per column; only the shaky owners are asked per cell.
     """
     partial: dict[tuple[int, int], set[str]] = {}
     for g, members in enumerate(plan.groups):
@@ -218,14 +246,26 @@ def _decisions(plan: planning.Plan, on: set[str], delivers, alive_after) -> dict
             owner = plan.owner(g, c)
             if owner in on and alive_after(owner, 0):  # else no partial: its members carry that column
                 partial[(g, c)] = {m for m in members if m == owner or (m in on and delivers(m, 0))}
+    steady: dict[int, dict[int, set[str]]] = {}  # column -> the partials that reach every decider
+    unsure: dict[int, list[int]] = {}  # column -> the groups whose owner may fail to send, in order
+    for c in range(plan.columns):
+        steady[c], unsure[c] = {}, []
+        for g in range(len(plan.groups)):
+            if (g, c) in partial:
+                if plan.owner(g, c) in shaky:
+                    unsure[c].append(g)
+                else:
+                    steady[c][g] = partial[(g, c)]
     decisions = {}
     for cell in plan.cells():
         c, h = cell
         decider = plan.decider(cell)
         if decider not in on or not alive_after(decider, 1):
             continue
-        arrived = {g: partial[(g, c)] for g in range(len(plan.groups))
-                   if (g, c) in partial and (g == h or delivers(plan.owner(g, c), 1))}
+        arrived = dict(steady[c])
+        for g in unsure[c]:  # in group order: the order the rng of a dying owner's deliveries is drawn in
+            if g == h or delivers(plan.owner(g, c), 1):
+                arrived[g] = partial[(g, c)]
         if alive_after(decider, 3) or _reached_a_survivor(plan, cell, on, delivers, alive_after):
             decisions[cell] = planning.decide(plan, cell, arrived)
     return decisions
