@@ -127,7 +127,7 @@ class Peer:
         self.round: PendingRound | None = None
         self.rounds = Round(run=run, peer_id=self.peer_id, state=lambda: (self.outer.epoch, self.outer.state_hash),
                             averager=self.averager, presence=self.presence, stop=self.stop_requested,
-                            run_over=self._run_over, learn_bans=self._learn_bans)
+                            run_over=self._run_over, learn_bans=self._learn_bans, client=self.client_mode)
         self.round_runner = ThreadPoolExecutor(1, thread_name_prefix="round")  # one round at a time
         self.clock = dict(since=time.monotonic(), compute=0.0, eval=0.0)
         self.activity: str | None = None  # what the loop waits on (console view): None = training, "round", "downloading state"
@@ -450,6 +450,7 @@ class Peer:
             rounds=self.recent_rounds,
             bytes_sent_total=self.bytes_sent_total,
             one_sided=self.averager.one_sided,
+            client=self.client_mode,
         )
 
     def facts(self) -> console.Facts:

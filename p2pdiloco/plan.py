@@ -53,11 +53,15 @@ class Plan:
     digest: str  # the state the round averages from
     plan_id: str  # names the ready set: peers that read another set have another plan and never mix
     groups: tuple[tuple[str, ...], ...]  # members of each group, in order: member c owns column c
+    # Peers that others cannot dial (client mode, behind a NAT): never owners, always last in their
+    # group; they send their columns and fetch the decisions, as a repair does.
+    clients: frozenset[str] = frozenset()
 
     @functools.cached_property  # read for every cell and peer: an O(G) min each time adds up to O(N²)
     def columns(self) -> int:
-        """``K``: one column per member of the smallest group (a larger group's last member owns none)."""
-        return min(len(g) for g in self.groups)
+        """``K``: one column per dialable member of the group with the fewest (a larger group's
+        last members own none)."""
+        return min(sum(1 for p in g if p not in self.clients) for g in self.groups)
 
     @property
     def peers(self) -> list[str]:
@@ -109,29 +113,42 @@ class Plan:
         return cache[size]
 
 
-def ready_set_id(epoch: int, digest: str, ready: Iterable[str]) -> str:
-    """The name of a ready set: equal on every peer that read the same set."""
-    text = "|".join([str(epoch), digest, *sorted(set(ready))])
+def ready_set_id(epoch: int, digest: str, ready: Iterable[str], clients: Iterable[str] = ()) -> str:
+    """The name of a ready set (and of which of its peers cannot be dialed): equal on every peer
+    that read the same set."""
+    clients = sorted(set(clients))
+    text = "|".join([str(epoch), digest, *sorted(set(ready)), *(["clients", *clients] if clients else [])])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def make_plan(epoch: int, digest: str, ready: Iterable[str], group_size: int) -> Plan:
+def make_plan(epoch: int, digest: str, ready: Iterable[str], group_size: int, clients: Iterable[str] = ()) -> Plan:
     """The epoch's plan from the ready set (ids of the peers ready at ``epoch`` with state ``digest``,
     ourselves included). Groups: ``ceil(N / group_size)`` of sizes within one of each other, so
     the smallest group (which sets the columns) is as large as it can be. The order is a
     permutation seeded by the set, so that which peers meet changes every epoch (a hostile peer
     cannot choose its partners, and no pair of peers is stuck in one group).
+
+    ``clients``: ready peers that cannot be dialed. The dialable peers are dealt first (at most one
+    group per dialable peer), then the clients go, one by one, to the smallest group, behind its
+    dialable members: so every owner and decider can be reached.
     """
     members = sorted(set(ready))
+    clients = frozenset(clients) & set(members)
     if not members:
         raise ValueError("a plan needs at least one ready peer")
     if group_size < 1:
         raise ValueError("group_size must be at least 1")
-    plan_id = ready_set_id(epoch, digest, members)
+    if clients == set(members):
+        raise ValueError("a plan needs at least one ready peer that the others can dial")
+    plan_id = ready_set_id(epoch, digest, members, clients)
     random.Random(plan_id).shuffle(members)
-    count = -(-len(members) // group_size)
-    groups = tuple(tuple(members[a:b]) for a, b in spans(len(members), count))
-    return Plan(epoch=epoch, digest=digest, plan_id=plan_id, groups=groups)
+    dialable = [p for p in members if p not in clients]
+    count = min(-(-len(members) // group_size), len(dialable))
+    dealt = [list(dialable[a:b]) for a, b in spans(len(dialable), count)]
+    for p in members:
+        if p in clients:
+            min(dealt, key=len).append(p)  # the first of the smallest groups
+    return Plan(epoch=epoch, digest=digest, plan_id=plan_id, groups=tuple(tuple(g) for g in dealt), clients=clients)
 
 
 @dataclasses.dataclass(frozen=True)

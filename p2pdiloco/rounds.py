@@ -70,12 +70,14 @@ class Round:
     :param averager: the peer's :class:`~p2pdiloco.averaging.PseudoGradientAverager`
     :param run_over: whether the run reached its last epoch (``--max-epochs``)
     :param learn_bans: called after a failed all-reduce, to take the bans the averager made
+    :param client: this peer cannot be dialed (client mode): it never owns a column of a two-level round
     """
 
     def __init__(self, *, run: RunConfig, peer_id: str, state: Callable[[], tuple[int, str]], averager,
                  presence: Presence, stop: threading.Event, run_over: Callable[[], bool],
-                 learn_bans: Callable[[], None]):
+                 learn_bans: Callable[[], None], client: bool = False):
         self.run, self.peer_id, self.state, self.averager = run, peer_id, state, averager
+        self.client = client  # this peer cannot be dialed (client mode)
         self.presence, self.view, self.stop = presence, presence.view, stop
         self.run_over, self.learn_bans = run_over, learn_bans
 
@@ -116,7 +118,13 @@ class Round:
         work stays and goes at the next attempt. Otherwise the spans of our pseudo-gradient that no
         decision included are carried: :meth:`PendingRound.carry` keeps them for the next round.
         """
-        plan = planning.make_plan(epoch, digest, [self.peer_id, *ready], self.run.target_group_size)
+        live = self.view.live
+        clients = [p for p in ready if p in live and live[p].client] + ([self.peer_id] if self.client else [])
+        try:
+            plan = planning.make_plan(epoch, digest, [self.peer_id, *ready], self.run.target_group_size, clients=clients)
+        except ValueError as e:  # no ready peer can be dialed
+            log.warning("epoch %d: no two-level round: %s", epoch, e)
+            return None
         result = self.averager.average_plan(delta, plan, weight=tokens)
         outcome = result.outcome
         if not outcome.apply:
@@ -129,7 +137,7 @@ class Round:
         pending.carried = outcome.carried
         return RoundResult(average=result.average, group=sorted(plan.peers), gathered={}, seconds=result.seconds,
                            bytes_sent=result.bytes_sent, bytes_received=result.bytes_received, encode_s=0.0, decode_s=0.0,
-                           residual=result.residual, contributors=outcome.contributors)
+                           residual=result.residual, flagged=result.flagged, contributors=outcome.contributors)
 
     def wait_for_peers(self, pending: PendingRound):
         """Wait (bounded) for the live peers at or behind our epoch to be ready.

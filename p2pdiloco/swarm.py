@@ -71,6 +71,7 @@ class Progress(BaseModel):
     rounds: list[RoundStat] = Field(default_factory=list, max_length=RECENT_ROUNDS)
     bytes_sent_total: int = Field(0, ge=0)
     one_sided: int = Field(0, ge=0)  # rounds complete here that a member did not confirm: not applied (averaging.commit_s)
+    client: bool = False  # cannot be dialed (client mode): never an owner in a two-level round (docs/scaling.md)
 
 
 def fork_settled(counts: Mapping[str, int], winner: str, pending: int) -> bool:

@@ -10,6 +10,7 @@ runs in the averager process (:mod:`p2pdiloco.averaging.process`), reached throu
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -67,6 +68,7 @@ class PlanRoundResult:
     bytes_sent: int
     bytes_received: int
     residual: torch.Tensor | None = None  # error feedback: what quantizing our columns dropped
+    flagged: list[str] = dataclasses.field(default_factory=list)  # members an owner's robust rule flagged
 
 
 class PseudoGradientAverager:
@@ -317,6 +319,7 @@ class PseudoGradientAverager:
         started, before = time.monotonic(), self._averager.traffic.clone()
         try:
             answer = self._call("_two_level_round", cfg.round_s + cfg.request_s, groups=[list(g) for g in plan.groups],
+                                clients=sorted(plan.clients),
                                 plan_id=plan.plan_id, epoch=plan.epoch, digest=plan.digest, weight=float(weight),
                                 silence_s=cfg.next_chunk_s, deadline_s=cfg.round_s)
         except Exception as e:
@@ -331,6 +334,7 @@ class PseudoGradientAverager:
             average=average, outcome=outcome, decisions=decisions, seconds=time.monotonic() - started,
             bytes_sent=int(traffic[SENT]), bytes_received=int(traffic[RECEIVED]),
             residual=None if self._averager.residual is None else self._averager.residual.clone(),
+            flagged=list(answer.get("flagged", [])),
         )
 
     def _commit(self, epoch: int, gathered: dict[str, Any], excused: Sequence[str]) -> None:
@@ -416,7 +420,28 @@ class PseudoGradientAverager:
 
 
 async def _store_elsewhere(key: str, subkey: str, expiration_time: float, dht, node) -> bool:
-    """Runs in the DHT's process (``DHT.run_coroutine``): store ``key[subkey] = True`` on other
-    nodes only, and say whether at least one of them took it (see ``PseudoGradientAverager._commit``)."""
-    stored = await node.store(key, True, expiration_time, subkey=subkey, exclude_self=True)
-    return bool(stored)
+    """Runs in the DHT's process (``DHT.run_coroutine``): store ``key[subkey] = True`` on the nearest
+    other nodes, and say whether at least one of them took it (see ``PseudoGradientAverager._commit``).
+
+    Not ``node.store(..., exclude_self=True)``: its result is the answer of whichever replica
+    answered *last*, so a node that refuses the record (an outsider's DHT, which cannot check a
+    closed run's MAC) makes a store that others took look failed. Each replica is asked here, as
+    hivemind's own store does (same record, signed by the run's validator), and counted.
+    """
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord
+
+    key_id = DHTID.generate(source=key)
+    nearest = await node.find_nearest_nodes([key_id], k_nearest=node.num_replicas, exclude_self=True)
+    protocol = node.protocol
+    value = protocol.serializer.dumps(True)
+    if protocol.record_validator is not None:
+        record = DHTRecord(key_id.to_bytes(), protocol.serializer.dumps(subkey), value, expiration_time)
+        value = protocol.record_validator.sign_value(record)
+    answers = await asyncio.gather(*(protocol.call_store(peer, keys=[key_id], values=[value], expiration_time=[expiration_time],
+                                                         subkeys=[subkey]) for peer in nearest.get(key_id, {}).values()),
+                                   return_exceptions=True)
+    # An answer is None (no response), an exception, or the replica's store_ok: a protobuf
+    # repeated field, which is not a list.
+    return any(answer is not None and not isinstance(answer, BaseException) and len(answer) > 0 and bool(answer[0])
+               for answer in answers)

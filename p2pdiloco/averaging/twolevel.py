@@ -60,10 +60,11 @@ class Header:
     index: tuple[int, ...]
     weight: float = 0.0
     members: tuple[str, ...] = ()
+    flagged: tuple[str, ...] = ()  # members an owner's robust rule flagged (partials, and the decisions that hold them)
 
     def dump(self) -> dict:
         return {"plan": self.plan_id, "kind": self.kind, "index": list(self.index), "weight": self.weight,
-                "members": list(self.members)}
+                "members": list(self.members), "flagged": list(self.flagged)}
 
     @classmethod
     def load(cls, raw: Any) -> "Header":
@@ -71,7 +72,7 @@ class Header:
         if not isinstance(raw, dict):
             raise ValueError("the header is not a map")
         plan_id, kind, index = raw.get("plan"), raw.get("kind"), raw.get("index")
-        weight, members = raw.get("weight", 0.0), raw.get("members", [])
+        weight, members, flagged = raw.get("weight", 0.0), raw.get("members", []), raw.get("flagged", [])
         if not isinstance(plan_id, str) or len(plan_id) > 64:
             raise ValueError("bad plan id")
         if kind not in KINDS:
@@ -80,9 +81,10 @@ class Header:
             raise ValueError("bad index")
         if not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ValueError("bad weight")
-        if not isinstance(members, (list, tuple)) or len(members) > 1 << 16 or not all(isinstance(m, str) and len(m) < 100 for m in members):
-            raise ValueError("bad members")
-        return cls(plan_id, kind, tuple(index), float(weight), tuple(members))
+        for name, peers in (("members", members), ("flagged", flagged)):
+            if not isinstance(peers, (list, tuple)) or len(peers) > 1 << 16 or not all(isinstance(m, str) and len(m) < 100 for m in peers):
+                raise ValueError(f"bad {name}")
+        return cls(plan_id, kind, tuple(index), float(weight), tuple(members), tuple(flagged))
 
 
 class Mailbox:
@@ -260,12 +262,13 @@ class TwoLevel:
         return float(getattr(self, "_tl_silence", 10.0))
 
     # ------------------------------------------------------------------ the round
-    async def _two_level_round(self, groups: list[list[str]], plan_id: str, epoch: int, digest: str, weight: float,
-                               silence_s: float, deadline_s: float, future) -> None:
+    async def _two_level_round(self, groups: list[list[str]], clients: list[str], plan_id: str, epoch: int, digest: str,
+                               weight: float, silence_s: float, deadline_s: float, future) -> None:
         """Run this peer's part of one round; the assembled average (undecided cells zero) goes
         into the shared buffer, and ``future`` gets ``{"decisions": {cell: members}}`` of the
         decisions held. Past ``deadline_s`` the round is abandoned and the buffer left alone."""
-        plan = planning.Plan(epoch=epoch, digest=digest, plan_id=plan_id, groups=tuple(tuple(g) for g in groups))
+        plan = planning.Plan(epoch=epoch, digest=digest, plan_id=plan_id, groups=tuple(tuple(g) for g in groups),
+                             clients=frozenset(clients))
         self._tl_sends: list[asyncio.Task] = []
         try:
             future.set_result(await asyncio.wait_for(self._tl_round(plan, weight, silence_s), deadline_s))
@@ -317,27 +320,35 @@ class TwoLevel:
         if own is not None:
             decisions.update(await self._tl_own_column(plan, me, g, own, x, weight, silence_s))
         # Stage 3 (members): the cells of the other columns, forwarded by their owners in our group.
-        wanted = [(c, h) for c in range(plan.columns) if c != own for h in range(len(plan.groups))]
-        arrived = await box.take(pid, [("forward", cell, plan.owner(g, cell[0])) for cell in wanted], silence_s)
-        for (_, cell, _), (header, serialized) in arrived.items():
-            decisions[cell] = (header, serialized)
-        # Repair: ask the other holders of each cell still missing, all cells at once.
-        async def repair(cell):  # every holder at once: the first that has it answers
-            asks = [asyncio.create_task(self._tl_fetch(holder, pid, cell)) for holder in _holders(plan, cell, me)]
-            try:
-                for answer in asyncio.as_completed(asks):
-                    fetched = await answer
-                    if fetched is not None:
-                        decisions[cell] = fetched
-                        return
-            finally:
-                for ask in asks:
-                    ask.cancel()
+        # A peer that cannot be dialed fetches them instead, from the same owners (the repair below).
+        if me not in plan.clients:
+            wanted = [(c, h) for c in range(plan.columns) if c != own for h in range(len(plan.groups))]
+            arrived = await box.take(pid, [("forward", cell, plan.owner(g, cell[0])) for cell in wanted], silence_s)
+            for (_, cell, _), (header, serialized) in arrived.items():
+                decisions[cell] = (header, serialized)
+
+        async def repair(cell):
+            """Ask the holder that should have sent it (our group's owner of its column), then every
+            other holder at once; the first that has it answers."""
+            first, *rest = _holders(plan, cell, me, g)
+            fetched = await self._tl_fetch(first, pid, cell)
+            if fetched is None and rest:
+                asks = [asyncio.create_task(self._tl_fetch(holder, pid, cell)) for holder in rest]
+                try:
+                    for answer in asyncio.as_completed(asks):
+                        fetched = await answer
+                        if fetched is not None:
+                            break
+                finally:
+                    for ask in asks:
+                        ask.cancel()
+            if fetched is not None:
+                decisions[cell] = fetched
 
         await asyncio.gather(*(repair(cell) for cell in plan.cells() if cell not in decisions))
         # The assembled average: every held decision decoded from the bytes its decider sent.
         average = torch.zeros(size)
-        held = {}
+        held, flagged = {}, set()
         for cell, (header, serialized) in decisions.items():
             start, stop = cells[cell]
             values = codec.extract(serialized).reshape(-1)
@@ -345,11 +356,12 @@ class TwoLevel:
                 continue  # a malformed decision is an undecided cell (its sender is the one to blame)
             average[start:stop] = values
             held[cell] = list(header.members)
+            flagged.update(header.flagged)
             box.put(pid, ("held", cell), (header, serialized))
         with self.get_tensors() as (buffer,):
             buffer.copy_(average)
         await self._tl_drain(silence_s)  # the members we forward to may still be reading
-        return {"decisions": held}
+        return {"decisions": held, "flagged": sorted(flagged)}
 
     async def _tl_own_column(self, plan: planning.Plan, me: str, g: int, own: int, x: torch.Tensor, weight: float,
                              silence_s: float) -> dict:
@@ -369,7 +381,8 @@ class TwoLevel:
             parts.append(part)
             weights.append(header.weight)
             included.append(sender)
-        partial, _flagged = await loop.run_in_executor(None, robust.aggregate_with, parts, weights, self._aggregation)
+        partial, flagged = await loop.run_in_executor(None, robust.aggregate_with, parts, weights, self._aggregation)
+        flagged = tuple(sorted(included[i] for i in flagged if included[i] != me))
         group_weight = float(sum(weights))
         faults.reached("partials")
         # Stage 2: each cell of our partial to its decider (ourselves for our own group's cell).
@@ -377,13 +390,13 @@ class TwoLevel:
             cell = (own, h)
             a, b = plan.cell_span(cell, size)
             serialized = await loop.run_in_executor(None, codec.compress, partial[a - start:b - start])
-            self._tl_post(plan.decider(cell), Header(pid, "partial", cell, group_weight, tuple(included)), serialized)
+            self._tl_post(plan.decider(cell), Header(pid, "partial", cell, group_weight, tuple(included), flagged), serialized)
         mine = (own, g)
         owners = [plan.owner(h, own) for h in range(len(plan.groups))]
         partials = await box.take(pid, [("partial", mine, o) for o in owners], silence_s)
         held = {}
         if partials:
-            total, acc, contributors = 0.0, None, set()
+            total, acc, contributors, flags = 0.0, None, set(), set()
             a, b = plan.cell_span(mine, size)
             for (_, _, sender), (header, serialized) in partials.items():
                 values = self._tl_usable(sender, header, serialized, b - a)
@@ -392,9 +405,10 @@ class TwoLevel:
                 acc = values * header.weight if acc is None else acc.add_(values, alpha=header.weight)
                 total += header.weight
                 contributors.update(header.members)
+                flags.update(p for p in header.flagged if p in header.members)  # an owner flags only its own group
             if acc is not None:
                 serialized = await loop.run_in_executor(None, codec.compress, acc / total)  # encoded once: the same bytes for all
-                decision = Header(pid, "decision", mine, total, tuple(sorted(contributors)))
+                decision = Header(pid, "decision", mine, total, tuple(sorted(contributors)), tuple(sorted(flags)))
                 held[mine] = (decision, serialized)
                 box.put(pid, ("held", mine), held[mine])
                 for o in owners:
@@ -409,17 +423,18 @@ class TwoLevel:
         for cell, (header, serialized) in held.items():
             forward = dataclasses.replace(header, kind="forward")
             for m in plan.groups[g]:
-                if m != me:
+                if m != me and m not in plan.clients:  # clients fetch theirs
                     self._tl_post(m, forward, serialized)
         return held
 
 
-def _holders(plan: planning.Plan, cell: planning.Cell, me: str) -> list[str]:
-    """Who may hold a decided cell, in the order a repair asks them: its decider, then the column's
-    other owners (each got it in stage 2; their members got it from them)."""
+def _holders(plan: planning.Plan, cell: planning.Cell, me: str, group: int) -> list[str]:
+    """Who may hold a decided cell, in the order a repair asks them: our ``group``'s owner of its
+    column (who should have forwarded it), its decider, then the column's other owners (each got
+    it in stage 2)."""
     c, _ = cell
     seen, order = {me}, []
-    for p in [plan.decider(cell)] + [plan.owner(h, c) for h in range(len(plan.groups))]:
+    for p in [plan.owner(group, c), plan.decider(cell)] + [plan.owner(h, c) for h in range(len(plan.groups))]:
         if p not in seen:
             seen.add(p)
             order.append(p)

@@ -19,12 +19,13 @@ WORKER = Path(__file__).with_name("twolevel_worker.py")
 
 
 def run_workers(tmp_path: Path, count: int, group_size: int, compression: str, faults: dict[int, str] | None = None,
-                silence_s: float = 20.0) -> list[dict | None]:
-    """Start ``count`` workers (rank -> P2PDILOCO_FAULT in ``faults``), wait for all, load the
-    records of those that finished (None for a worker that died)."""
+                silence_s: float = 20.0, clients: tuple[int, ...] = ()) -> list[dict | None]:
+    """Start ``count`` workers (rank -> P2PDILOCO_FAULT in ``faults``; ``clients``: ranks in client
+    mode), wait for all, load the records of those that finished (None for a worker that died)."""
     faults = faults or {}
     outs = [tmp_path / f"tl{i}.pt" for i in range(count)]
-    env = dict(os.environ, TL_WORKERS=str(count), TL_ALIVE=str(count - len(faults)), TL_SILENCE_S=str(silence_s))
+    env = dict(os.environ, TL_WORKERS=str(count), TL_ALIVE=str(count - len(faults)), TL_SILENCE_S=str(silence_s),
+               TL_CLIENTS=",".join(map(str, clients)))
     env.pop("P2PDILOCO_FAULT", None)
 
     def start(i, *peers, **kw):
@@ -76,6 +77,20 @@ def test_six_peers_in_three_groups_hold_one_state_with_everyones_work(tmp_path, 
     assert sum(r["sent"] for r in results) / 6 <= 1.02 * bound
 
 
+def test_peers_nobody_can_dial_send_their_columns_and_fetch_the_decisions(tmp_path):
+    """Two of six peers in client mode (behind a NAT: no inbound stream at all). They own no
+    column, send theirs out and fetch every decided cell; one state with all six peers' work."""
+    results = run_workers(tmp_path, 6, 2, "none", clients=(2, 4))
+    assert not [r["error"] for r in results if "error" in r]
+    plan = planning.Plan(1, "digest", "", results[0]["groups"], clients=frozenset(results[0]["clients"]))
+    assert len(plan.clients) == 2 and all(plan.column_of(p) is None for p in plan.clients)
+    exact = exact_mean([r["input"] for r in results], [r["weight"] for r in results])
+    for r in results:
+        assert torch.equal(r["average"], results[0]["average"]), "peers hold different averages"
+        assert r["apply"] and r["decided"] == 1.0 and r["contributors"] == sorted(plan.peers)
+        assert ((r["average"] - exact).norm() / exact.norm()).item() < 1e-6
+
+
 def test_an_owner_killed_before_its_partials_costs_its_cells_not_the_state(tmp_path):
     """Rank 3 dies after reducing its group's column, before sending a cell of it: its own cell is
     undecided (zero everywhere) and its group's column is missing from the others. The five
@@ -96,3 +111,26 @@ def test_an_owner_killed_before_its_partials_costs_its_cells_not_the_state(tmp_p
     assert partner["carried"], "the dead owner's partner carries the part of its work no decision holds"
     whole = [r for r in live if r["peer"] not in dead_group]
     assert all(r["carried"] == [] or all((a, b) in plan.cell_spans(r["input"].numel()).values() for a, b in r["carried"]) for r in whole)
+
+
+def test_six_join_peers_in_three_groups_keep_one_state_and_their_work_through_a_sigkill(local_swarm):
+    """Real ``p2pdiloco join`` peers with the two-level round, groups of 2: one peer is SIGKILLed
+    (its whole process group) in the middle of its third round, after reducing its group's column
+    and before sending it on. The five others go on: one state at every epoch, most work kept."""
+    from p2pdiloco.simulate import summarize
+
+    swarm = local_swarm(['run.averaging.protocol="two_level"', "run.target_group_size=2"])
+    epochs = 8
+    for _ in range(5):
+        swarm.add_peer(epochs)
+    victim = swarm.add_peer(epochs, fault="partials:kill@3")
+    swarm.killed.add(victim)  # its death is the test, not a crash
+    assert swarm.wait_exit([victim], 240) == [-signal.SIGKILL]
+    survivors = [i for i in range(6) if i != victim]
+    assert swarm.wait_exit(survivors, 240) == [0] * 5
+    swarm.assert_consistent(range(6))  # the victim's records up to its death included
+    metrics = {str(i): swarm.metrics(i) for i in range(6)}
+    summary = summarize(metrics, 6, 0.0)
+    groups = [r["group_size"] for i in survivors for r in swarm.metrics(i) if r["event"] == "outer_step"]
+    assert max(groups) == 6, "one round of all six peers, three groups of two"
+    assert summary["work_kept"] >= 0.8, summary["work_kept"]

@@ -7,7 +7,8 @@ builds the plan from them (no matchmaking: each computes the same one), averages
 (weight ``rank + 1``) and writes the result to OUT_FILE (torch.save), or ``{"error": ...}``.
 Prints its multiaddr on stdout first, so a test can start the others with it. A worker started
 with ``P2PDILOCO_FAULT`` (``partials:kill@1``) dies in the round; ``TL_ALIVE`` says how many
-workers will finish, so the others know how many to wait for before they leave.
+workers will finish, so the others know how many to wait for before they leave. ``TL_CLIENTS``
+(``1,4``): ranks that run in client mode, which nobody can dial.
 """
 
 import logging
@@ -42,23 +43,25 @@ def main() -> None:
     out, rank = Path(out), int(rank)
     workers = int(os.environ.get("TL_WORKERS", "6"))
     alive = int(os.environ.get("TL_ALIVE", str(workers)))
-    dht = dht_node.start_dht(peers)
+    client = str(rank) in os.environ.get("TL_CLIENTS", "").split(",")  # cannot be dialed: pulls its cells
+    dht = dht_node.start_dht(peers, client_mode=client)
     print(dht_node.maddrs_of(dht)[0], flush=True)
     cfg = AveragingConfig(matchmaking_s=10.0, request_s=3.0, allreduce_s=60.0, next_chunk_s=float(os.environ.get("TL_SILENCE_S", "20")),
                           round_s=90.0)
     avg = PseudoGradientAverager(dht, SIZE, prefix="tltest", cfg=cfg, compression=compression, target_group_size=4,
                                  min_group_size=2, state_fn=lambda: ({}, []), error_feedback=compression != "none",
-                                 aggregation=AggregationConfig())
-    out.with_suffix(".id").write_text(avg.peer_id)
-    ready = [p.read_text() for p in barrier(out.parent, ".id", workers, 120)]
-    plan = planning.make_plan(1, "digest", ready, int(group_size))
+                                 aggregation=AggregationConfig(), client_mode=client)
+    out.with_suffix(".id").write_text(f"{avg.peer_id} {int(client)}")
+    ids = [p.read_text().split() for p in barrier(out.parent, ".id", workers, 120)]
+    plan = planning.make_plan(1, "digest", [i for i, _ in ids], int(group_size), clients=[i for i, c in ids if c == "1"])
     vector, weight = torch.randn(SIZE, generator=torch.Generator().manual_seed(rank)) * (rank + 1), rank + 1
     try:
         result = avg.average_plan(vector, plan, weight=weight)
         record = {"input": vector, "weight": weight, "peer": avg.peer_id, "average": result.average,
                   "apply": result.outcome.apply, "contributors": result.outcome.contributors,
                   "carried": result.outcome.carried, "decided": result.outcome.decided, "decisions": {c: sorted(m) for c, m in result.decisions.items()},
-                  "residual": result.residual, "seconds": result.seconds, "groups": plan.groups}
+                  "residual": result.residual, "seconds": result.seconds, "groups": plan.groups,
+                  "clients": sorted(plan.clients)}
     except AveragingFailed as e:
         record = {"error": str(e), "peer": avg.peer_id}
     finally:

@@ -174,3 +174,27 @@ def test_bytes_sent_by_count_equals_cell_by_cell(n, group, size):
     for payload in (lambda v: v, lambda v: 1024 + 4 * -(-v // 4096) + v):  # blockwise8's shape: payload(0) > 0
         for peer in p.peers:
             assert planning.bytes_sent(p, peer, size, payload) == _bytes_sent_as_before(p, peer, size, payload)
+
+
+def test_peers_that_cannot_be_dialed_never_own_a_column_and_sit_last_in_their_group():
+    make_plan = planning.make_plan
+    ready = [f"p{i:02d}" for i in range(11)]
+    clients = {"p01", "p04", "p05", "p09"}
+    plan = make_plan(3, "d", ready, 4, clients=clients)
+    assert sorted(plan.peers) == ready and plan.clients == clients
+    sizes = [len(g) for g in plan.groups]
+    assert len(sizes) == 3 and max(sizes) - min(sizes) <= 1
+    for g, members in enumerate(plan.groups):
+        dialable = [p for p in members if p not in clients]
+        assert list(members) == dialable + [p for p in members if p in clients], "clients after the dialable members"
+        for c in range(plan.columns):
+            assert plan.owner(g, c) not in clients
+    for p in clients:
+        assert plan.column_of(p) is None
+    assert make_plan(3, "d", ready, 4, clients=clients) == plan  # every peer computes the same plan
+    assert make_plan(3, "d", ready, 4).plan_id != plan.plan_id  # another view of who is dialable: another plan
+    # Fewer dialable peers than groups: one group per dialable peer.
+    few = make_plan(3, "d", ready, 2, clients=set(ready) - {"p00", "p03"})
+    assert len(few.groups) == 2 and few.columns == 1
+    with pytest.raises(ValueError, match="dial"):
+        make_plan(3, "d", ["a", "b"], 2, clients={"a", "b"})
