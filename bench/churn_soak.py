@@ -9,6 +9,14 @@ the run is judged from the peers' metrics files:
 - epochs: the highest epoch reached; kills: how many SIGKILLs of a whole peer process group;
 - disagreements: epochs at which two peers recorded different states (forks); healed: how many
   times a peer left a losing fork by downloading the winner (``downloaded``, reason ``fork``);
+- unhealed forks: disagreeing epochs after which no later epoch reported by two or more peers
+  holds one state (two branches that never merged again);
+- work kept: peer-epochs whose work reached the state the run continued from, over peer-epochs
+  trained (:func:`p2pdiloco.simulate.summarize`'s rule; a killed peer's unfinished epoch is not
+  counted as trained, a restarted peer's catch-up download is);
+- one-sided rounds: rounds complete at a peer but not confirmed by every member, so not applied
+  (the ``one_sided`` count of each outer-step record, summed over each peer process's life; one
+  counted after a process's last record before its kill is missed);
 - catch-ups: downloads of a newer state by restarted or lagging peers;
 - longest stall: the longest time the swarm's highest epoch did not advance;
 - validation loss: first and last epochs with a value, and the mean of the first and last quarter;
@@ -27,7 +35,7 @@ import statistics
 import time
 from pathlib import Path
 
-from p2pdiloco.simulate import ProcessGroup, _cli, read_metrics, start_coordinator
+from p2pdiloco.simulate import ProcessGroup, _cli, read_metrics, start_coordinator, summarize
 
 DEFAULT_OVERRIDES = ["run.inner_steps=10", "run.inner.total_steps=100000"]
 
@@ -93,6 +101,7 @@ def main() -> None:
 
 def analyse(metrics: list[list[dict]], kills: list[dict], exit_codes: list[int], leftovers: int, wall_s: float) -> dict:
     records = [r for peer in metrics for r in peer]
+    summary = summarize({str(i): peer for i, peer in enumerate(metrics)}, len(metrics), wall_s)
     states: dict[int, set[str]] = {}
     for r in records:
         if r.get("event") in ("outer_step", "solo_step", "downloaded"):
@@ -107,13 +116,25 @@ def analyse(metrics: list[list[dict]], kills: list[dict], exit_codes: list[int],
         if r.get("val_loss") is not None:
             val.setdefault(r["epoch"], []).append(r["val_loss"])
     curve = [statistics.mean(val[e]) for e in sorted(val)]
+    reporting: dict[int, set[str]] = {}
+    for r in records:
+        if r.get("event") in ("outer_step", "solo_step", "downloaded"):
+            reporting.setdefault(r["epoch"], set()).add(r["peer"])
+    merged = [e for e in states if len(states[e]) == 1 and len(reporting.get(e, ())) >= 2]
+    disagreeing = sorted(e for e, h in states.items() if len(h) > 1)
     quarter = max(1, len(curve) // 4)
     return dict(
         wall_s=round(wall_s),
         epochs=max(states, default=0),
         kills=len(kills),
-        disagreeing_epochs=sorted(e for e, h in states.items() if len(h) > 1),
+        disagreeing_epochs=disagreeing,
+        unhealed_forks=[e for e in disagreeing if not any(m > e for m in merged)],
         forks_healed=sum(r.get("reason") == "fork" for r in records),
+        work_kept=round(summary["work_kept"], 4) if summary["work_kept"] is not None else None,
+        work_kept_peer_epochs=f"{summary['work_kept_peer_epochs']}/{summary['peer_epochs_trained']}",
+        one_sided_rounds=sum(_lifetime_total([r.get("one_sided", 0) for r in peer if r.get("event") == "outer_step"])
+                             for peer in metrics),
+        max_group_size=max((r.get("group_size", 1) for r in records if r.get("event") == "outer_step"), default=0),
         catch_up_downloads=sum(r.get("event") == "downloaded" and r.get("reason") == "behind" for r in records),
         solo_steps=sum(r.get("event") == "solo_step" for r in records),
         longest_stall_s=round(stall, 1),
@@ -125,6 +146,17 @@ def analyse(metrics: list[list[dict]], kills: list[dict], exit_codes: list[int],
         leftover_process_groups=leftovers,
         kill_log=kills,
     )
+
+
+def _lifetime_total(counts: list[int]) -> int:
+    """The sum of a per-process counter read in order across restarts: it drops when a process
+    restarts (a new process counts from 0), so each life adds its last value."""
+    total, last = 0, 0
+    for value in counts:
+        if value < last:
+            total += last
+        last = value
+    return total + last
 
 
 if __name__ == "__main__":

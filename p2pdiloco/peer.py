@@ -343,6 +343,7 @@ class Peer:
             decode_s=group.decode_s if group else 0.0,
             flagged=group.flagged if group else [],
             banned=sorted(self.banned),
+            one_sided=self.averager.one_sided,  # this process's rounds complete here but unconfirmed (not applied)
             val_loss=val_loss,
             **self._clock_fields(),
         )

@@ -95,6 +95,7 @@ class Mailbox:
     def __init__(self):
         self._plans: collections.OrderedDict[str, dict[tuple, asyncio.Future]] = collections.OrderedDict()
         self.activity: dict[str, float] = {}  # plan -> when a chunk last arrived for it
+        self.running: set[str] = set()  # plans whose round this peer started (kept as long as their messages)
 
     def _slots(self, plan_id: str) -> dict[tuple, asyncio.Future]:
         if plan_id not in self._plans:
@@ -102,7 +103,13 @@ class Mailbox:
             while len(self._plans) > KEPT_PLANS:
                 old, _ = self._plans.popitem(last=False)
                 self.activity.pop(old, None)
+                self.running.discard(old)
         return self._plans[plan_id]
+
+    def start(self, plan_id: str) -> None:
+        """Our own round of ``plan_id`` began: repair requests for it wait for our verdict."""
+        self._slots(plan_id)
+        self.running.add(plan_id)
 
     def slot(self, plan_id: str, key: tuple) -> asyncio.Future:
         slots = self._slots(plan_id)
@@ -170,14 +177,22 @@ class TwoLevel:
             except Exception:
                 yield refused
                 return
-            # A holder still waiting for the cell (a decider on its partials, an owner on the
-            # decision) answers once it has it: "not here" too early would leave the asker
-            # without a cell the others hold, a second state.
+            # The answer is final: a holder answers once its own round has settled the cell (a
+            # decider once it decided, an owner once its wait for the decision ended). A "not
+            # here" given while the decision was still on its way, as a silence-bounded wait
+            # gave under load, left the asker without a cell the others held: a second state.
+            # A plan we have not started within a silence is one we may never run (we read
+            # another ready set): "not here" then, not a wait as long as a round.
             slot = box.slot(header.plan_id, ("held", header.index))
             try:
                 held = await asyncio.wait_for(asyncio.shield(slot), self._tl_silence_s())
             except asyncio.TimeoutError:
                 held = None
+                if header.plan_id in box.running:
+                    try:
+                        held = await asyncio.wait_for(asyncio.shield(slot), self._tl_deadline_s())
+                    except asyncio.TimeoutError:
+                        pass
             if held is None:
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART)  # no header: "not here"
                 return
@@ -230,8 +245,8 @@ class TwoLevel:
             ask = averaging_pb2.AveragingData(group_id=self.serializer.dumps(Header(plan_id, "fetch", cell).dump()))
             replies = await stub.rpc_two_level(_one(ask))
             chunks, header = [], None
-            # The holder may wait up to the silence for the cell itself before it answers.
-            async for message in aiter_with_timeout(replies, 2 * self._tl_silence_s()):
+            # The holder answers once its own round settled the cell (bounded by its round's deadline).
+            async for message in aiter_with_timeout(replies, self._tl_deadline_s()):
                 if header is None:
                     if not message.group_id:
                         return None
@@ -261,6 +276,11 @@ class TwoLevel:
     def _tl_silence_s(self) -> float:
         return float(getattr(self, "_tl_silence", 10.0))
 
+    def _tl_deadline_s(self) -> float:
+        """How long a repair request may wait for its answer: a round's deadline (a few silences
+        before our first round)."""
+        return float(getattr(self, "_tl_deadline", 0.0) or 4 * self._tl_silence_s())
+
     # ------------------------------------------------------------------ the round
     async def _two_level_round(self, groups: list[list[str]], clients: list[str], plan_id: str, epoch: int, digest: str,
                                weight: float, silence_s: float, deadline_s: float, future) -> None:
@@ -270,6 +290,8 @@ class TwoLevel:
         plan = planning.Plan(epoch=epoch, digest=digest, plan_id=plan_id, groups=tuple(tuple(g) for g in groups),
                              clients=frozenset(clients))
         self._tl_sends: list[asyncio.Task] = []
+        self._tl_deadline = deadline_s
+        self._mailbox().start(plan_id)
         try:
             future.set_result(await asyncio.wait_for(self._tl_round(plan, weight, silence_s), deadline_s))
         except Exception as e:
@@ -279,6 +301,14 @@ class TwoLevel:
         finally:
             for task in self._tl_sends:
                 task.cancel()
+            self._tl_settle(plan, plan.cells())  # an abandoned round holds nothing more
+
+    def _tl_settle(self, plan: planning.Plan, cells) -> None:
+        """Our verdict on ``cells`` is in: those not held by now are "not here" to every repair
+        request, waiting or to come (:meth:`rpc_two_level`). A cell held already stays held."""
+        box = self._mailbox()
+        for cell in cells:
+            box.put(plan.plan_id, ("held", tuple(cell)), None)
 
     def _tl_post(self, peer: str, header: Header, serialized: runtime_pb2.Tensor) -> None:
         """Send in the background: the round goes on to its next wait, which is what bounds it."""
@@ -420,6 +450,7 @@ class TwoLevel:
         for (_, cell, _), value in got.items():
             held[cell] = value
             box.put(pid, ("held", cell), value)
+        self._tl_settle(plan, [(own, h) for h in range(len(plan.groups))])  # the others are not coming to us
         for cell, (header, serialized) in held.items():
             forward = dataclasses.replace(header, kind="forward")
             for m in plan.groups[g]:
