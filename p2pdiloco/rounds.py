@@ -114,10 +114,15 @@ class Round:
         """One two-level round with every peer ready at our state (docs/scaling.md): the plan comes
         from the ready set as we read it, so peers that read the same set meet without matchmaking.
 
-        A round below the quorum (peers that read another set, or too many deaths) is no round: the
-        work stays and goes at the next attempt. Otherwise the spans of our pseudo-gradient that no
-        decision included are carried: :meth:`PendingRound.carry` keeps them for the next round.
+        Fewer ready peers than ``run.min_group_size``, or a round below the quorum (peers that read
+        another set, or too many deaths), is no round: the work stays and goes at the next attempt.
+        Otherwise the spans of our pseudo-gradient that no decision included go to
+        :attr:`PendingRound.carried`, which the peer keeps for its next round.
         """
+        if len(ready) + 1 < self.run.min_group_size:
+            log.info("epoch %d: %d peer(s) ready, below run.min_group_size=%d; training on", epoch, len(ready) + 1,
+                     self.run.min_group_size)
+            return None
         live = self.view.live
         clients = [p for p in ready if p in live and live[p].client] + ([self.peer_id] if self.client else [])
         try:

@@ -70,7 +70,7 @@ class Progress(BaseModel):
     # go by still sees every round; and the bytes it sent in all its rounds since it started.
     rounds: list[RoundStat] = Field(default_factory=list, max_length=RECENT_ROUNDS)
     bytes_sent_total: int = Field(0, ge=0)
-    one_sided: int = Field(0, ge=0)  # rounds complete here that a member did not confirm: not applied (averaging.commit_s)
+    one_sided: int = Field(0, ge=0)  # rounds that may have ended one-sided here (README, "one_sided")
     client: bool = False  # cannot be dialed (client mode): never an owner in a two-level round (docs/scaling.md)
 
 

@@ -105,7 +105,9 @@ class PseudoGradientAverager:
         self.cfg = cfg
         self.target_group_size = target_group_size
         self._counted = torch.zeros(4, dtype=torch.float64)  # traffic counters at the last round's result
-        self.one_sided = 0  # rounds whose result was complete here but not confirmed by every member (not applied)
+        # Rounds that may have ended one-sided here. groups: complete here but not confirmed by every
+        # member (not applied); two_level: applied with a cell left zero that an unreachable holder may hold.
+        self.one_sided = 0
         self._averager = _Averager(
             [torch.zeros(size, dtype=torch.float32)],  # moved to shared memory; read and written under its lock
             dht,
@@ -330,6 +332,10 @@ class PseudoGradientAverager:
         traffic = self._averager.traffic.clone() - before
         with self._averager.get_tensors() as (buffer,):
             average = buffer.clone()
+        if outcome.apply and answer.get("unsure"):
+            # Applied with a cell left zero that a holder we could not ask may hold: possibly
+            # one-sided (the fork rule settles it if it was); counted, as the groups' commit counts its own.
+            self.one_sided += 1
         return PlanRoundResult(
             average=average, outcome=outcome, decisions=decisions, seconds=time.monotonic() - started,
             bytes_sent=int(traffic[SENT]), bytes_received=int(traffic[RECEIVED]),

@@ -238,8 +238,10 @@ class TwoLevel:
             log.debug("two-level %s to %s failed: %r", header.kind, peer, e)
             return False
 
-    async def _tl_fetch(self, peer: str, plan_id: str, cell: planning.Cell) -> tuple[Header, runtime_pb2.Tensor] | None:
-        """The repair step: ask ``peer`` for a decided cell it holds."""
+    async def _tl_fetch(self, peer: str, plan_id: str, cell: planning.Cell
+                        ) -> tuple[tuple[Header, runtime_pb2.Tensor] | None, bool]:
+        """The repair step: ask ``peer`` for a decided cell. Returns the cell (or None) and whether
+        ``peer`` answered at all: a final "not here" is an answer, a dead or refusing peer is not."""
         try:
             stub = self.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
             ask = averaging_pb2.AveragingData(group_id=self.serializer.dumps(Header(plan_id, "fetch", cell).dump()))
@@ -249,16 +251,16 @@ class TwoLevel:
             async for message in aiter_with_timeout(replies, self._tl_deadline_s()):
                 if header is None:
                     if not message.group_id:
-                        return None
+                        return None, message.code == averaging_pb2.AVERAGED_PART  # "not here", or refused
                     header = Header.load(self.serializer.loads(message.group_id))
                 self.traffic[RECEIVED] += message.ByteSize()
                 chunks.append(message.tensor_part)
             if header is None or header.kind != "decision" or header.index != tuple(cell) or header.plan_id != plan_id:
-                return None
-            return header, combine_from_streaming(chunks)
+                return None, False
+            return (header, combine_from_streaming(chunks)), True
         except Exception as e:
             log.debug("repair of cell %s from %s failed: %r", cell, peer, e)
-            return None
+            return None, False
 
     def _tl_usable(self, sender: str, header: Header, serialized: runtime_pb2.Tensor, n: int) -> torch.Tensor | None:
         """A received column or partial as values, or None (and the sender banned) if it does not
@@ -357,16 +359,19 @@ class TwoLevel:
             for (_, cell, _), (header, serialized) in arrived.items():
                 decisions[cell] = (header, serialized)
 
+        unsure = []  # cells left zero although a holder we could not ask may hold them
+
         async def repair(cell):
             """Ask the holder that should have sent it (our group's owner of its column), then every
             other holder at once; the first that has it answers."""
             first, *rest = _holders(plan, cell, me, g)
-            fetched = await self._tl_fetch(first, pid, cell)
+            fetched, answered = await self._tl_fetch(first, pid, cell)
             if fetched is None and rest:
                 asks = [asyncio.create_task(self._tl_fetch(holder, pid, cell)) for holder in rest]
                 try:
                     for answer in asyncio.as_completed(asks):
-                        fetched = await answer
+                        fetched, sure = await answer
+                        answered = answered and sure
                         if fetched is not None:
                             break
                 finally:
@@ -374,6 +379,8 @@ class TwoLevel:
                         ask.cancel()
             if fetched is not None:
                 decisions[cell] = fetched
+            elif not answered:
+                unsure.append(cell)
 
         await asyncio.gather(*(repair(cell) for cell in plan.cells() if cell not in decisions))
         # The assembled average: every held decision decoded from the bytes its decider sent.
@@ -391,7 +398,7 @@ class TwoLevel:
         with self.get_tensors() as (buffer,):
             buffer.copy_(average)
         await self._tl_drain(silence_s)  # the members we forward to may still be reading
-        return {"decisions": held, "flagged": sorted(flagged)}
+        return {"decisions": held, "flagged": sorted(flagged), "unsure": len(unsure)}
 
     async def _tl_own_column(self, plan: planning.Plan, me: str, g: int, own: int, x: torch.Tensor, weight: float,
                              silence_s: float) -> dict:

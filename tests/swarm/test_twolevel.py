@@ -64,7 +64,7 @@ def test_six_peers_in_three_groups_hold_one_state_with_everyones_work(tmp_path, 
     peers = sorted(r["peer"] for r in results)
     for r in results:
         assert torch.equal(r["average"], results[0]["average"]), "peers hold different averages"
-        assert r["apply"] and r["decided"] == 1.0 and r["carried"] == []
+        assert r["apply"] and r["decided"] == 1.0 and r["carried"] == [] and r["one_sided"] == 0
         assert r["contributors"] == peers, "every ready peer's work is in the state"
         assert ((r["average"] - exact).norm() / exact.norm()).item() < tolerance
     # Bytes: what plan.bytes_sent says for each peer, plus the headers (under 2 %).
@@ -107,6 +107,9 @@ def test_an_owner_killed_before_its_partials_costs_its_cells_not_the_state(tmp_p
         assert r["apply"], "5 of 6 cells decided: above the quorum"
         assert 0.5 < r["decided"] < 1.0
         assert r["contributors"] == sorted(p for p in plan.peers if p not in dead_group)
+        # The dead peer decided its own cell, if anyone: nobody alive can rule out that it sent it
+        # somewhere before dying, so each survivor counts the round as possibly one-sided.
+        assert r["one_sided"] == 1
     partner = next(r for r in live if r["peer"] in dead_group)
     assert partner["carried"], "the dead owner's partner carries the part of its work no decision holds"
     whole = [r for r in live if r["peer"] not in dead_group]

@@ -99,7 +99,7 @@ def _fake_peer() -> SimpleNamespace:
     return SimpleNamespace(
         peer_id="me", outer=SimpleNamespace(epoch=5), work=SimpleNamespace(steps=0), speedometer=SimpleNamespace(steps_per_s=1.0),
         last_loss=3.0, banned=set(), bytes_sent_total=0, recent_rounds=[], _maybe_eval=lambda: None, _clock_fields=dict,
-        _judge_flags=lambda result: None,
+        _judge_flags=lambda result: None, averager=SimpleNamespace(one_sided=2),
     )
 
 
@@ -109,6 +109,7 @@ def test_the_outer_step_record_and_the_dht_record_carry_the_contributors():
                          bytes_received=7, encode_s=0.0, decode_s=0.0, contributors=["me", "a"])
     record = Peer._epoch_fields(peer, result, done, "digest", staleness=0)
     assert (record["event"], record["group"], record["contributors"]) == ("outer_step", ["a", "me", "z"], ["a", "me"])
+    assert record["one_sided"] == 2  # the averager's count so far (bench/churn_soak.py sums it)
     solo = Peer._epoch_fields(peer, None, done, "digest", staleness=0)
     assert (solo["event"], solo["contributors"]) == ("solo_step", ["me"])
     Peer._note_round(peer, result)
