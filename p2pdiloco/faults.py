@@ -11,7 +11,8 @@ hostile for good):
   ``send`` (the host process is handing its pseudo-gradient to the averager),
   ``part`` (the averager process is encoding one of its parts for a reducer),
   ``inner`` (an inner training step is about to run), ``partials`` (two-level round: an owner has
-  reduced its group's column and is about to send its cells to their deciders);
+  reduced its group's column and is about to send its cells to their deciders), ``result`` (the
+  averager process holds every averaged part of its all-reduce);
 - actions: ``kill`` (SIGKILL of the peer's whole process group: Python, DHT, averager, p2pd),
   ``stop`` (SIGSTOP of the group: a frozen laptop; the test resumes it with SIGCONT),
   ``nan`` (only at ``send``: the pseudo-gradient goes on the wire as NaN, bypassing the peer's own
@@ -21,7 +22,8 @@ hostile for good):
   (only at ``send``: one value is +inf), ``truncate`` (only at ``part``: the part goes out one
   value short, a well-formed message of the wrong shape),
   ``oom`` (only at ``inner``: the
-  step fails as if the accelerator ran out of memory).
+  step fails as if the accelerator ran out of memory), ``drop`` (only at ``result``: this member's
+  round fails although every part arrived, while the others' succeed: a one-sided round on purpose).
 
 Unset (always, outside the tests) it costs one dictionary lookup per point.
 """
@@ -36,10 +38,10 @@ from collections import Counter
 import torch
 
 ENV = "P2PDILOCO_FAULT"
-POINTS = ("matchmaking", "allreduce", "send", "part", "inner", "partials")
-ACTIONS = ("kill", "stop", "nan", "inf", "scale", "random", "truncate", "oom")
+POINTS = ("matchmaking", "allreduce", "send", "part", "inner", "partials", "result")
+ACTIONS = ("kill", "stop", "nan", "inf", "scale", "random", "truncate", "oom", "drop")
 CORRUPTIONS = ("nan", "inf", "scale", "random")  # the actions at "send": what goes out instead (see corrupt)
-_ONLY_AT = {"nan": "send", "inf": "send", "scale": "send", "random": "send", "truncate": "part", "oom": "inner"}
+_ONLY_AT = {"nan": "send", "inf": "send", "scale": "send", "random": "send", "truncate": "part", "oom": "inner", "drop": "result"}
 
 log = logging.getLogger(__name__)
 _reached: Counter = Counter()
@@ -56,7 +58,7 @@ def _parse(spec: str) -> tuple[str, str, int, bool]:
     if point not in POINTS or action not in ACTIONS or count < 1 or _ONLY_AT.get(action, point) != point:
         raise ValueError(
             f"{ENV}={spec!r}: points {POINTS}, actions {ACTIONS} ('nan', 'inf', 'scale', 'random' only at "
-            "'send', 'truncate' only at 'part', 'oom' only at 'inner'), N >= 1"
+            "'send', 'truncate' only at 'part', 'oom' only at 'inner', 'drop' only at 'result'), N >= 1"
         )
     return point, action, count, onwards
 

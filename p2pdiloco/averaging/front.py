@@ -27,7 +27,7 @@ from p2pdiloco import faults, plan as planning
 from p2pdiloco.auth import RunSecret
 from p2pdiloco.averaging.process import _Averager
 from p2pdiloco.averaging.runner import DECODE_S, ENCODE_S, RECEIVED, SENT
-from p2pdiloco.averaging.wire import group_bits, round_key, unconfirmed
+from p2pdiloco.averaging.wire import DONE_TTL_S, commit_state, done_key, group_bits
 from p2pdiloco.codecs import make_codec
 from p2pdiloco.config import AggregationConfig, AveragingConfig
 from p2pdiloco.errors import AveragingFailed, StateDownloadFailed
@@ -35,7 +35,6 @@ from p2pdiloco.errors import AveragingFailed, StateDownloadFailed
 log = logging.getLogger(__name__)
 
 MEMBER_TTL_S = 6 * 3600.0  # a membership proof record's lifetime; republished every round
-DONE_TTL_S = 600.0  # a "done" record only matters while its round commits
 
 
 @dataclasses.dataclass
@@ -362,7 +361,7 @@ class PseudoGradientAverager:
         ``excused`` members (left out by a reducer for sending garbage) never hold the result and
         are not waited for.
         """
-        key = f"{self._averager.prefix}.done.{round_key(gathered)}"
+        key = done_key(self._averager.prefix, gathered)
         dht = self._averager.dht
         try:
             stored = dht.run_coroutine(functools.partial(_store_elsewhere, key, self.peer_id, get_dht_time() + DONE_TTL_S),
@@ -375,14 +374,19 @@ class PseudoGradientAverager:
             self.one_sided += 1
             raise AveragingFailed(f"round of epoch {epoch}: the result is complete here, but this peer's confirmation reached "
                                   f"no other peer ({reason}); not applied, so it does not step alone")
-        deadline, missing = time.monotonic() + self.cfg.commit_s, set(gathered) - {self.peer_id}
+        deadline, missing, failed = time.monotonic() + self.cfg.commit_s, set(gathered) - {self.peer_id}, set()
         while True:
             try:
                 found = dht.get(key, latest=True, return_future=True).result(timeout=self.cfg.request_s)
-                done = set(found.value) if found is not None and isinstance(found.value, dict) else set()
-                missing = unconfirmed(gathered, done | {self.peer_id}, excused)
+                entries = found.value if found is not None and isinstance(found.value, dict) else {}
+                records = {peer: getattr(entry, "value", None) for peer, entry in entries.items()}
+                missing, failed = commit_state(gathered, {**records, self.peer_id: True}, excused)
             except Exception as e:
                 log.debug("could not read this round's confirmations: %r", e)
+            if failed:  # a member's all-reduce failed (process._aggregate_with_group files it): no need to wait
+                self.one_sided += 1
+                raise AveragingFailed(f"round of epoch {epoch}: the result is complete here, but {len(failed)} member(s) "
+                                      f"failed theirs; not applied, so no member steps alone")
             if not missing:
                 return
             if time.monotonic() > deadline:

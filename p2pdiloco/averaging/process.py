@@ -24,13 +24,15 @@ from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.streaming import combine_from_streaming
 
+from p2pdiloco import faults
 from p2pdiloco.auth import RunSecret
 from p2pdiloco.averaging.runner import DECODE_S, ENCODE_S, ConsistentAllReduceRunner, SenderCodec
 from p2pdiloco.averaging.twolevel import TwoLevel
-from p2pdiloco.averaging.wire import decode_gather
+from p2pdiloco.averaging.wire import DONE_TTL_S, decode_gather, done_key
 from p2pdiloco.codecs import Codec
 from p2pdiloco.config import AggregationConfig
 
@@ -59,6 +61,7 @@ class _Averager(TwoLevel, DecentralizedAverager):
         self._refused_downloads: set[PeerID] = set()  # logged once each
         self._request_s = float(kwargs.get("request_timeout") or 3.0)  # bounds our own DHT reads
         self._last_flagged: list[str] = []  # members flagged in the last round, for the host to take
+        self._background: set[asyncio.Task] = set()
         # Two-level rounds (TwoLevel): messages may come before our own first round starts.
         self._tl_size, self._tl_silence = size, float(kwargs.get("next_chunk_timeout") or 10.0)
         super().__init__(tensors, *args, compression=codec, **kwargs)
@@ -134,18 +137,37 @@ class _Averager(TwoLevel, DecentralizedAverager):
             yield response
 
     async def _aggregate_with_group(self, group_info, min_vector_size, **kwargs):
-        """As any member: check every member's metadata and proof before a single part is sent."""
-        for peer_id, raw in zip(group_info.peer_ids, group_info.gathered):
-            if peer_id in self._banned:  # another leader's group: we never average with it again
-                raise AllreduceException(f"group member {peer_id} is banned by this peer; group refused")
-            try:
-                user = decode_gather(raw, self.serializer)
-            except ValueError as e:
-                raise AllreduceException(f"group member {peer_id} has malformed metadata ({e}); group refused") from None
-            if peer_id != self.peer_id and not self._is_member(peer_id, user.get("member")):
-                self._refuse_outsider(peer_id, "in a group")
-                raise AllreduceException(f"group member {peer_id} is not a member of this closed run; group refused")
-        return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        """As any member: check every member's metadata and proof before a single part is sent.
+
+        If our round fails (a refused group, a missing part), we file "failed" under the round's
+        name at once: the members whose result is complete would otherwise wait ``commit_s`` for
+        our confirmation before giving the round up (:meth:`PseudoGradientAverager._commit`)."""
+        users = {}
+        try:
+            for peer_id, raw in zip(group_info.peer_ids, group_info.gathered):
+                if peer_id in self._banned:  # another leader's group: we never average with it again
+                    raise AllreduceException(f"group member {peer_id} is banned by this peer; group refused")
+                try:
+                    users[peer_id.to_base58()] = user = decode_gather(raw, self.serializer)
+                except ValueError as e:
+                    raise AllreduceException(f"group member {peer_id} has malformed metadata ({e}); group refused") from None
+                if peer_id != self.peer_id and not self._is_member(peer_id, user.get("member")):
+                    self._refuse_outsider(peer_id, "in a group")
+                    raise AllreduceException(f"group member {peer_id} is not a member of this closed run; group refused")
+            return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        except BaseException:
+            if len(users) == len(group_info.peer_ids):  # the round's name needs every member's nonce
+                task = asyncio.create_task(self._file_failed(done_key(self.prefix, users)))
+                self._background.add(task)  # a task nobody holds can be collected before it runs
+                task.add_done_callback(self._background.discard)
+            raise
+
+    async def _file_failed(self, key: str) -> None:
+        try:
+            stored = self.dht.store(key, False, get_dht_time() + DONE_TTL_S, subkey=self.peer_id.to_base58(), return_future=True)
+            await asyncio.wait_for(stored, self._request_s)
+        except Exception as e:  # the others then wait commit_s, as before
+            log.debug("could not file this round's failure: %r", e)
 
     async def rpc_download_state(
         self, request: averaging_pb2.DownloadRequest, context: P2PContext
@@ -188,6 +210,8 @@ class _Averager(TwoLevel, DecentralizedAverager):
             self.traffic[ENCODE_S], self.traffic[DECODE_S] = self._codec.encode_s, self._codec.decode_s
         if runner.failed_values():
             raise AllreduceException(f"partial all-reduce: {runner.failed_values()} values missing, round discarded")
+        if faults.reached("result") == "drop":  # tests: a one-sided round on purpose
+            raise AllreduceException("fault injection: this member's round fails after every part arrived")
         self._last_flagged = sorted(p.to_base58() for p in runner.flagged())
         for tensor, averaged in zip(tensors, results):
             tensor.copy_(averaged)

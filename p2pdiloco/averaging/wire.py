@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from hivemind.averaging.allreduce import AveragingMode
@@ -121,7 +121,26 @@ def round_key(gathered: dict[str, dict]) -> str:
     return hashlib.sha256("|".join(entries).encode()).hexdigest()[:32]
 
 
+DONE_TTL_S = 600.0  # a round's "done"/"failed" records only matter while it commits
+
+
+def done_key(prefix: str, gathered: dict[str, dict]) -> str:
+    """The DHT key under which the members of one round file "done" (True) or "failed" (False),
+    each under its own peer id as the subkey."""
+    return f"{prefix}.done.{round_key(gathered)}"
+
+
 def unconfirmed(members: Iterable[str], done: Iterable[str], excused: Iterable[str]) -> set[str]:
     """Members that have not (yet) confirmed holding the whole result, less the ``excused`` ones
     (left out of this round for sending garbage: they never hold it, and must not hold up the rest)."""
     return set(members) - set(done) - set(excused)
+
+
+def commit_state(members: Iterable[str], records: dict[str, Any], excused: Iterable[str]) -> tuple[set[str], set[str]]:
+    """From a round's records (subkey -> value), ``(unconfirmed, failed)``: the members that have not
+    filed "done" yet, and those that filed "failed" (their all-reduce of this round failed, so
+    waiting for them is pointless). Records of non-members, and other values, count for nothing."""
+    members, excused = set(members), set(excused)
+    done = {peer for peer, value in records.items() if value is True}
+    failed = {peer for peer, value in records.items() if value is False} & members
+    return unconfirmed(members, done, excused), failed - excused

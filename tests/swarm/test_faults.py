@@ -112,6 +112,26 @@ def test_frozen_peer_is_dropped_then_catches_up_when_resumed(local_swarm):
         assert swarm.longest_stall(i) < STALL_BOUND_S, f"peer {i} waited on the frozen peer longer than the timeouts allow"
 
 
+def test_a_member_whose_round_failed_says_so_and_the_others_stop_waiting_for_it(local_swarm):
+    """A one-sided round on purpose (``result:drop``): one member's all-reduce fails after every part
+    arrived while the others' succeed. It files "failed" under the round's name, so the others give
+    the round up at once instead of waiting ``commit_s`` (a minute here) for its confirmation, and
+    nobody steps alone: one state, and the round is retried."""
+    swarm = local_swarm(["run.averaging.commit_s=60"])
+    victim = _three_peers(swarm, "result:drop@3")
+    logs = lambda i: (swarm.out / f"peer{i}.log").read_text()  # noqa: E731
+    swarm.wait_until(lambda: "fault injection: drop" in logs(victim), 240, "the victim's round to fail")
+    dropped_at = max(swarm.epoch(i) for i in range(3))
+    swarm.wait_until(lambda: min(swarm.epoch(i) for i in range(3)) >= dropped_at + 2, 120, "all three to go on")
+    _stop(swarm, range(3))
+
+    swarm.assert_consistent(range(3))
+    told = [i for i in (0, 1) if "member(s) failed theirs" in logs(i)]
+    assert told, "no other member learnt of the failed round from its record"
+    for i in (0, 1):
+        assert "did not confirm theirs within commit_s" not in logs(i), f"peer {i} waited commit_s for the failed member"
+
+
 def test_nan_pseudo_gradient_is_excluded_and_its_sender_named(local_swarm):
     swarm = local_swarm()
     bad = _three_peers(swarm, "send:nan@3")
