@@ -343,7 +343,7 @@ class Peer:
             decode_s=group.decode_s if group else 0.0,
             flagged=group.flagged if group else [],
             banned=sorted(self.banned),
-            one_sided=self.averager.one_sided,  # this process's rounds complete here but unconfirmed (not applied)
+            one_sided=self.averager.one_sided,  # this process's rounds that may have ended one-sided (README, "one_sided")
             val_loss=val_loss,
             **self._clock_fields(),
         )
