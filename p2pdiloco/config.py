@@ -116,9 +116,10 @@ class AveragingConfig(_Strict):
         "it holds the result too; without every confirmation nobody applies it (no member steps alone)",
     )
     protocol: Literal["groups", "two_level"] = Field(
-        "groups", description="groups: hivemind matchmaking, one group's state is kept when several average at "
-        "one epoch; two_level: every ready peer in one round of groups of target_group_size whose averages meet "
-        "across groups (docs/scaling.md), each stage waiting at most next_chunk_s of silence",
+        "two_level", description="two_level: every ready peer in one round of groups of target_group_size whose "
+        "averages meet across groups, so every ready peer's work is in the epoch's one state (docs/scaling.md), each "
+        "stage waiting at most next_chunk_s of silence; groups: hivemind matchmaking, where several groups at one "
+        "epoch fork and only one group's state is kept (for comparison)",
     )
     grace_s: float = Field(
         60.0, ge=0, description="grace time: how long a ready peer waits for same-epoch peers still training; "

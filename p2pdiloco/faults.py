@@ -6,8 +6,9 @@ starts a peer with ``P2PDILOCO_FAULT=POINT:ACTION@N`` and the peer hurts itself 
 reaches POINT (counted per process), or every time from the N-th on with ``@N+`` (a peer that is
 hostile for good):
 
-- points: ``matchmaking`` (the host process has asked its averager to find a group),
-  ``allreduce`` (the averager process has sent its first part to a group member),
+- points: ``matchmaking`` (the host process has asked its averager to find a group; two-level:
+  is about to ask for the plan's round), ``allreduce`` (the averager process has sent its first
+  part to a group member; two-level: its columns to their owners),
   ``send`` (the host process is handing its pseudo-gradient to the averager),
   ``part`` (the averager process is encoding one of its parts for a reducer),
   ``inner`` (an inner training step is about to run), ``partials`` (two-level round: an owner has

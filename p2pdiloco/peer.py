@@ -311,8 +311,11 @@ class Peer:
         return pending.delta  # alone in the run: our delta is the swarm's average
 
     def _note_round(self, group: RoundResult) -> None:
-        """Bans from the round's flags, and the round's figures for our DHT record and the console."""
+        """Bans from the round's flags and refusals, and the round's figures for our DHT record and the console."""
         self._judge_flags(group)
+        for peer in group.refused:  # non-finite or malformed values: not an honest outlier, no streak needed
+            if peer not in self.banned and peer != self.peer_id:
+                self._ban(peer, "sent non-finite or malformed values (named in the round's decisions)")
         self.last_round = (self.outer.epoch, group.group, time.monotonic())
         self.bytes_sent_total += group.bytes_sent
         stat = swarm.RoundStat(epoch=self.outer.epoch, group_size=len(group.group), contributors=len(group.contributors),

@@ -141,8 +141,10 @@ class Round:
                      epoch, 100 * sum(b - a for a, b in outcome.carried) / delta.numel())
         pending.carried = outcome.carried
         return RoundResult(average=result.average, group=sorted(plan.peers), gathered={}, seconds=result.seconds,
-                           bytes_sent=result.bytes_sent, bytes_received=result.bytes_received, encode_s=0.0, decode_s=0.0,
-                           residual=result.residual, flagged=result.flagged, contributors=outcome.contributors)
+                           bytes_sent=result.bytes_sent, bytes_received=result.bytes_received, encode_s=result.encode_s,
+                           decode_s=result.decode_s,
+                           residual=result.residual, flagged=result.flagged, contributors=outcome.contributors,
+                           refused=result.refused)
 
     def wait_for_peers(self, pending: PendingRound):
         """Wait (bounded) for the live peers at or behind our epoch to be ready.

@@ -54,6 +54,9 @@ class RoundResult:
     # Peers whose pseudo-gradients are in the average (the epoch's state): the group, until
     # averages reach across groups (docs/scaling.md).
     contributors: list[str] = dataclasses.field(default_factory=list)
+    # Two-level: peers the round's decisions name as senders of non-finite or malformed values;
+    # every peer holding those decisions reads the same names and bans them alike.
+    refused: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -66,8 +69,11 @@ class PlanRoundResult:
     seconds: float
     bytes_sent: int
     bytes_received: int
+    encode_s: float = 0.0  # encoding our columns, partials and decisions; decoding what we received
+    decode_s: float = 0.0
     residual: torch.Tensor | None = None  # error feedback: what quantizing our columns dropped
     flagged: list[str] = dataclasses.field(default_factory=list)  # members an owner's robust rule flagged
+    refused: list[str] = dataclasses.field(default_factory=list)  # senders of unusable values, named in decisions
 
 
 class PseudoGradientAverager:
@@ -206,6 +212,16 @@ class PseudoGradientAverager:
                     continue
         return sharers
 
+    def _hand_over(self, pseudo_gradient: torch.Tensor) -> None:
+        """Put what we send into the averager's shared buffer (either protocol)."""
+        with self._averager.get_tensors() as (buffer,):
+            buffer.copy_(pseudo_gradient)
+            fault = faults.reached("send")
+            if fault in faults.CORRUPTIONS:  # tests: what a broken or hostile peer would send
+                buffer.copy_(faults.corrupt(buffer, fault))
+        if not self._averager.is_alive():
+            raise AveragingFailed("the averager process is not running")
+
     def average(
         self,
         pseudo_gradient: torch.Tensor,
@@ -231,13 +247,7 @@ class PseudoGradientAverager:
         a member did not confirm within ``cfg.commit_s``, or the deadline ``cfg.round_s`` passed.
         """
         cfg = self.cfg
-        with self._averager.get_tensors() as (buffer,):
-            buffer.copy_(pseudo_gradient)
-            fault = faults.reached("send")
-            if fault in faults.CORRUPTIONS:  # tests: what a broken or hostile peer would send
-                buffer.copy_(faults.corrupt(buffer, fault))
-        if not self._averager.is_alive():
-            raise AveragingFailed("the averager process is not running")
+        self._hand_over(pseudo_gradient)
         try:  # hivemind's own setters wait without a bound: go through _call
             self._call("_set_group_bits", group_bits=group_bits(epoch, state_hash))  # same state only
             self._call("_set_expected_group_size", size=min(expected_size or self.target_group_size, self.target_group_size))
@@ -313,11 +323,9 @@ class PseudoGradientAverager:
         cfg = self.cfg
         if self.peer_id not in plan.peers:
             raise AveragingFailed(f"this peer is not in the plan of epoch {plan.epoch}")
-        with self._averager.get_tensors() as (buffer,):
-            buffer.copy_(pseudo_gradient)
-        if not self._averager.is_alive():
-            raise AveragingFailed("the averager process is not running")
-        started, before = time.monotonic(), self._averager.traffic.clone()
+        self._hand_over(pseudo_gradient)
+        started = time.monotonic()
+        faults.reached("matchmaking")  # no matchmaking here: the point where the round is asked for
         try:
             answer = self._call("_two_level_round", cfg.round_s + cfg.request_s, groups=[list(g) for g in plan.groups],
                                 clients=sorted(plan.clients),
@@ -328,7 +336,10 @@ class PseudoGradientAverager:
         decisions = {tuple(cell): frozenset(members) for cell, members in answer["decisions"].items()}
         outcome = planning.assemble(plan, self.peer_id, {c: planning.Decision(c, m) for c, m in decisions.items()},
                                     pseudo_gradient.numel(), quorum)
-        traffic = self._averager.traffic.clone() - before
+        # Since the previous round's result, as in :meth:`average`: forwards and repair answers
+        # can leave or arrive after our own result, and then count in the next round's record.
+        now = self._averager.traffic.clone()
+        traffic, self._counted = now - self._counted, now
         with self._averager.get_tensors() as (buffer,):
             average = buffer.clone()
         if outcome.apply and answer.get("unsure"):
@@ -338,8 +349,9 @@ class PseudoGradientAverager:
         return PlanRoundResult(
             average=average, outcome=outcome, decisions=decisions, seconds=time.monotonic() - started,
             bytes_sent=int(traffic[SENT]), bytes_received=int(traffic[RECEIVED]),
+            encode_s=float(traffic[ENCODE_S]), decode_s=float(traffic[DECODE_S]),
             residual=None if self._averager.residual is None else self._averager.residual.clone(),
-            flagged=list(answer.get("flagged", [])),
+            flagged=list(answer.get("flagged", [])), refused=list(answer.get("refused", [])),
         )
 
     def _commit(self, epoch: int, gathered: dict[str, Any], excused: Sequence[str]) -> None:

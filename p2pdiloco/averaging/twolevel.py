@@ -40,7 +40,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, anext
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from p2pdiloco import faults, plan as planning, robust
-from p2pdiloco.averaging.runner import RECEIVED, SENT
+from p2pdiloco.averaging.runner import DECODE_S, ENCODE_S, RECEIVED, SENT
 from p2pdiloco.averaging.wire import all_finite, usable_contribution
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,13 @@ class Header:
     weight: float = 0.0
     members: tuple[str, ...] = ()
     flagged: tuple[str, ...] = ()  # members an owner's robust rule flagged (partials, and the decisions that hold them)
+    # Senders left out for non-finite or malformed values (by an owner, or the decider): carried
+    # in the decision, so every peer that holds it bans the same peers and plans the same rounds.
+    refused: tuple[str, ...] = ()
 
     def dump(self) -> dict:
         return {"plan": self.plan_id, "kind": self.kind, "index": list(self.index), "weight": self.weight,
-                "members": list(self.members), "flagged": list(self.flagged)}
+                "members": list(self.members), "flagged": list(self.flagged), "refused": list(self.refused)}
 
     @classmethod
     def load(cls, raw: Any) -> "Header":
@@ -72,7 +75,8 @@ class Header:
         if not isinstance(raw, dict):
             raise ValueError("the header is not a map")
         plan_id, kind, index = raw.get("plan"), raw.get("kind"), raw.get("index")
-        weight, members, flagged = raw.get("weight", 0.0), raw.get("members", []), raw.get("flagged", [])
+        weight, members = raw.get("weight", 0.0), raw.get("members", [])
+        flagged, refused = raw.get("flagged", []), raw.get("refused", [])
         if not isinstance(plan_id, str) or len(plan_id) > 64:
             raise ValueError("bad plan id")
         if kind not in KINDS:
@@ -81,10 +85,10 @@ class Header:
             raise ValueError("bad index")
         if not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ValueError("bad weight")
-        for name, peers in (("members", members), ("flagged", flagged)):
+        for name, peers in (("members", members), ("flagged", flagged), ("refused", refused)):
             if not isinstance(peers, (list, tuple)) or len(peers) > 1 << 16 or not all(isinstance(m, str) and len(m) < 100 for m in peers):
                 raise ValueError(f"bad {name}")
-        return cls(plan_id, kind, tuple(index), float(weight), tuple(members), tuple(flagged))
+        return cls(plan_id, kind, tuple(index), float(weight), tuple(members), tuple(flagged), tuple(refused))
 
 
 class Mailbox:
@@ -295,7 +299,9 @@ class TwoLevel:
         self._tl_deadline = deadline_s
         self._mailbox().start(plan_id)
         try:
-            future.set_result(await asyncio.wait_for(self._tl_round(plan, weight, silence_s), deadline_s))
+            answer = await asyncio.wait_for(self._tl_round(plan, weight, silence_s), deadline_s)
+            self._tl_count_codec()  # before the host reads the counters
+            future.set_result(answer)
         except Exception as e:
             log.debug("two-level round failed: %r", e, exc_info=True)
             if not future.done():
@@ -304,6 +310,11 @@ class TwoLevel:
             for task in self._tl_sends:
                 task.cancel()
             self._tl_settle(plan, plan.cells())  # an abandoned round holds nothing more
+            self._tl_count_codec()
+
+    def _tl_count_codec(self) -> None:
+        """The codec's cumulative encode and decode seconds, into the counters the host reads."""
+        self.traffic[ENCODE_S], self.traffic[DECODE_S] = self._codec.encode_s, self._codec.decode_s
 
     def _tl_settle(self, plan: planning.Plan, cells) -> None:
         """Our verdict on ``cells`` is in: those not held by now are "not here" to every repair
@@ -348,6 +359,7 @@ class TwoLevel:
             if c != own:
                 serialized = await loop.run_in_executor(None, encode_column, c)
                 self._tl_post(plan.owner(g, c), Header(pid, "column", (c,), weight), serialized)
+        faults.reached("allreduce")  # tests: our columns are on their way, the round is under way
         decisions: dict[planning.Cell, tuple[Header, runtime_pb2.Tensor]] = {}
         if own is not None:
             decisions.update(await self._tl_own_column(plan, me, g, own, x, weight, silence_s))
@@ -385,7 +397,7 @@ class TwoLevel:
         await asyncio.gather(*(repair(cell) for cell in plan.cells() if cell not in decisions))
         # The assembled average: every held decision decoded from the bytes its decider sent.
         average = torch.zeros(size)
-        held, flagged = {}, set()
+        held, flagged, refused = {}, set(), set()
         for cell, (header, serialized) in decisions.items():
             start, stop = cells[cell]
             values = codec.extract(serialized).reshape(-1)
@@ -394,11 +406,12 @@ class TwoLevel:
             average[start:stop] = values
             held[cell] = list(header.members)
             flagged.update(header.flagged)
+            refused.update(header.refused)
             box.put(pid, ("held", cell), (header, serialized))
         with self.get_tensors() as (buffer,):
             buffer.copy_(average)
         await self._tl_drain(silence_s)  # the members we forward to may still be reading
-        return {"decisions": held, "flagged": sorted(flagged), "unsure": len(unsure)}
+        return {"decisions": held, "flagged": sorted(flagged), "refused": sorted(refused), "unsure": len(unsure)}
 
     async def _tl_own_column(self, plan: planning.Plan, me: str, g: int, own: int, x: torch.Tensor, weight: float,
                              silence_s: float) -> dict:
@@ -410,10 +423,11 @@ class TwoLevel:
         start, stop = plan.column_span(own, size)
         others = [m for m in plan.groups[g] if m != me]
         got = await box.take(pid, [("column", (own,), m) for m in others], silence_s)
-        parts, weights, included = [x[start:stop]], [weight], [me]
+        parts, weights, included, refused = [x[start:stop]], [weight], [me], []
         for (_, _, sender), (header, serialized) in got.items():
             part = self._tl_usable(sender, header, serialized, stop - start)
             if part is None:
+                refused.append(sender)
                 continue
             parts.append(part)
             weights.append(header.weight)
@@ -427,25 +441,31 @@ class TwoLevel:
             cell = (own, h)
             a, b = plan.cell_span(cell, size)
             serialized = await loop.run_in_executor(None, codec.compress, partial[a - start:b - start])
-            self._tl_post(plan.decider(cell), Header(pid, "partial", cell, group_weight, tuple(included), flagged), serialized)
+            self._tl_post(plan.decider(cell), Header(pid, "partial", cell, group_weight, tuple(included), flagged,
+                                                     tuple(sorted(refused))), serialized)
         mine = (own, g)
         owners = [plan.owner(h, own) for h in range(len(plan.groups))]
         partials = await box.take(pid, [("partial", mine, o) for o in owners], silence_s)
         held = {}
         if partials:
-            total, acc, contributors, flags = 0.0, None, set(), set()
+            total, acc, contributors, flags, refusals = 0.0, None, set(), set(), set()
             a, b = plan.cell_span(mine, size)
             for (_, _, sender), (header, serialized) in partials.items():
                 values = self._tl_usable(sender, header, serialized, b - a)
                 if values is None:
+                    refusals.add(sender)
                     continue
                 acc = values * header.weight if acc is None else acc.add_(values, alpha=header.weight)
                 total += header.weight
                 contributors.update(header.members)
                 flags.update(p for p in header.flagged if p in header.members)  # an owner flags only its own group
+                # ... and refuses only its own group's members (never itself)
+                group = plan.groups[plan.group_of(sender)]
+                refusals.update(p for p in header.refused if p in group and p != sender)
             if acc is not None:
                 serialized = await loop.run_in_executor(None, codec.compress, acc / total)  # encoded once: the same bytes for all
-                decision = Header(pid, "decision", mine, total, tuple(sorted(contributors)), tuple(sorted(flags)))
+                decision = Header(pid, "decision", mine, total, tuple(sorted(contributors)), tuple(sorted(flags)),
+                                  tuple(sorted(refusals)))
                 held[mine] = (decision, serialized)
                 box.put(pid, ("held", mine), held[mine])
                 for o in owners:

@@ -26,9 +26,10 @@ def test_three_peers_stay_identical_with_a_quantized_codec_and_error_feedback(lo
     saved = [torch.load(checkpoint.checkpoint_path(tmp_path / f"ckpt{i}"), weights_only=True) for i in range(3)]
     size = saved[0]["params"].numel()
     # Over a round of a group of g, every value crosses the wire 2(g-1) times: each non-reducer
-    # sends it to its reducer, which sends the average back to each of them. A member's record
-    # counts the bytes since its previous round (a reducer's last replies may leave after its own
-    # result), so compare totals over the run: each of the g members' records carries 1/g of it.
+    # (two-level: non-owner) sends it to its reducer, which sends the average back to each of them.
+    # A member's record counts the bytes since its previous round (a reducer's last replies may
+    # leave after its own result, a faster member's columns arrive before it starts), so compare
+    # totals over the run: each of the g members' records carries 1/g of it.
     rounds = [r for i in range(3) for r in swarm.metrics(i) if r.get("event") == "outer_step"]
     fp32 = sum(2 * (r["group_size"] - 1) * 4 * size / r["group_size"] for r in rounds)
     sent, received = sum(r["bytes_sent"] for r in rounds), sum(r["bytes_received"] for r in rounds)
@@ -40,6 +41,6 @@ def test_three_peers_stay_identical_with_a_quantized_codec_and_error_feedback(lo
         residual = state["residual"]
         assert residual.shape == (size,) and torch.isfinite(residual).all()
         assert residual.norm() < 0.1 * state["params"].norm()
-    # This model fits one part of the all-reduce, so the member reducing it quantizes none of its
-    # own values (residual zero); the two that sent their parts carry what quantization dropped.
+    # A member quantizes none of the values it reduces itself (groups: this model fits one part, so
+    # one member's residual is zero; two-level: its own column); the others carry what it dropped.
     assert sum(state["residual"].norm() > 0 for state in saved) >= 2

@@ -116,8 +116,9 @@ def test_a_member_whose_round_failed_says_so_and_the_others_stop_waiting_for_it(
     """A one-sided round on purpose (``result:drop``): one member's all-reduce fails after every part
     arrived while the others' succeed. It files "failed" under the round's name, so the others give
     the round up at once instead of waiting ``commit_s`` (a minute here) for its confirmation, and
-    nobody steps alone: one state, and the round is retried."""
-    swarm = local_swarm(["run.averaging.commit_s=60"])
+    nobody steps alone: one state, and the round is retried. The commit is the ``groups``
+    protocol's (two-level rounds need none: each cell is decided once, see docs/scaling.md)."""
+    swarm = local_swarm(["run.averaging.commit_s=60", 'run.averaging.protocol="groups"'])
     victim = _three_peers(swarm, "result:drop@3")
     logs = lambda i: (swarm.out / f"peer{i}.log").read_text()  # noqa: E731
     swarm.wait_until(lambda: "fault injection: drop" in logs(victim), 240, "the victim's round to fail")

@@ -1,4 +1,7 @@
-"""Two groups at one epoch (forced by a target group size of 2 with 4 peers) converge back."""
+"""Two groups at one epoch (forced by a target group size of 2 with 4 peers) converge back.
+
+The fork rule is what heals any fork (a partition's, or a two-level round's one-sided cell); the
+``groups`` protocol forks at will, which makes it the way to exercise the rule here."""
 
 import time
 
@@ -8,7 +11,7 @@ pytestmark = pytest.mark.swarm
 
 
 def test_two_groups_at_one_epoch_converge_within_an_epoch(local_swarm):
-    swarm = local_swarm(["run.target_group_size=2"])
+    swarm = local_swarm(["run.target_group_size=2", 'run.averaging.protocol="groups"'])
     for _ in range(4):
         swarm.add_peer(1000)
     # Whether both pairs complete a round at the same epoch is a race (the first epoch forks in most

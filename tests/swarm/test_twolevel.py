@@ -21,10 +21,12 @@ WORKER = Path(__file__).with_name("twolevel_worker.py")
 def run_workers(tmp_path: Path, count: int, group_size: int, compression: str, faults: dict[int, str] | None = None,
                 silence_s: float = 20.0, clients: tuple[int, ...] = ()) -> list[dict | None]:
     """Start ``count`` workers (rank -> P2PDILOCO_FAULT in ``faults``; ``clients``: ranks in client
-    mode), wait for all, load the records of those that finished (None for a worker that died)."""
+    mode), wait for all, load the records of those that finished (None for a worker that died:
+    one whose fault is a kill)."""
     faults = faults or {}
+    dying = {i for i, fault in faults.items() if ":kill" in fault}
     outs = [tmp_path / f"tl{i}.pt" for i in range(count)]
-    env = dict(os.environ, TL_WORKERS=str(count), TL_ALIVE=str(count - len(faults)), TL_SILENCE_S=str(silence_s),
+    env = dict(os.environ, TL_WORKERS=str(count), TL_ALIVE=str(count - len(dying)), TL_SILENCE_S=str(silence_s),
                TL_CLIENTS=",".join(map(str, clients)))
     env.pop("P2PDILOCO_FAULT", None)
 
@@ -46,8 +48,8 @@ def run_workers(tmp_path: Path, count: int, group_size: int, compression: str, f
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     for i, code in enumerate(codes):
-        assert (code == -signal.SIGKILL) if i in faults else (code == 0), f"worker {i} exited with {code}"
-    return [None if i in faults else torch.load(out) for i, out in enumerate(outs)]
+        assert (code == -signal.SIGKILL) if i in dying else (code == 0), f"worker {i} exited with {code}"
+    return [None if i in dying else torch.load(out) for i, out in enumerate(outs)]
 
 
 def exact_mean(inputs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -89,6 +91,26 @@ def test_peers_nobody_can_dial_send_their_columns_and_fetch_the_decisions(tmp_pa
         assert torch.equal(r["average"], results[0]["average"]), "peers hold different averages"
         assert r["apply"] and r["decided"] == 1.0 and r["contributors"] == sorted(plan.peers)
         assert ((r["average"] - exact).norm() / exact.norm()).item() < 1e-6
+
+
+def test_a_nan_sender_is_named_in_the_decisions_so_every_peer_refuses_it_alike(tmp_path):
+    """Rank 3 sends NaN. Its partner refuses its column, the deciders its partial; the decisions
+    carry its name, so every peer (those that never received a byte from it too) learns the same
+    refusal and bans it alike: the next plans agree. One state, without rank 3's NaN."""
+    results = run_workers(tmp_path, 6, 2, "none", faults={3: "send:nan@1"})
+    assert not [r["error"] for r in results if "error" in r]
+    bad = results[3]["peer"]
+    plan = planning.Plan(1, "digest", "", results[0]["groups"])
+    for r in results:
+        assert torch.equal(r["average"], results[0]["average"]), "peers hold different averages"
+        assert torch.isfinite(r["average"]).all()
+        assert r["refused"] == [bad], "a peer did not learn the refusal from the decisions"
+        assert bad not in r["contributors"] and r["apply"]
+    # Its partner's share of its column went to it and drowned in its NaN partial: carried, not lost.
+    group = plan.groups[plan.group_of(bad)]
+    assert results[0]["contributors"] == sorted(p for p in plan.peers if p not in group)
+    partner = next(r for r in results if r["peer"] in group and r["peer"] != bad)
+    assert partner["carried"], "the partner's work in the NaN owner's column is carried to the next round"
 
 
 def test_an_owner_killed_before_its_partials_costs_its_cells_not_the_state(tmp_path):

@@ -6,7 +6,8 @@ Every worker writes its peer id next to OUT_FILE, waits for the ids of all ``TL_
 builds the plan from them (no matchmaking: each computes the same one), averages a random vector
 (weight ``rank + 1``) and writes the result to OUT_FILE (torch.save), or ``{"error": ...}``.
 Prints its multiaddr on stdout first, so a test can start the others with it. A worker started
-with ``P2PDILOCO_FAULT`` (``partials:kill@1``) dies in the round; ``TL_ALIVE`` says how many
+with ``P2PDILOCO_FAULT`` (``partials:kill@1``) dies in the round (``send:nan@1``: sends NaN and
+lives on); ``TL_ALIVE`` says how many
 workers will finish, so the others know how many to wait for before they leave. ``TL_CLIENTS``
 (``1,4``): ranks that run in client mode, which nobody can dial.
 """
@@ -61,7 +62,7 @@ def main() -> None:
                   "apply": result.outcome.apply, "contributors": result.outcome.contributors,
                   "carried": result.outcome.carried, "decided": result.outcome.decided, "decisions": {c: sorted(m) for c, m in result.decisions.items()},
                   "residual": result.residual, "seconds": result.seconds, "groups": plan.groups,
-                  "clients": sorted(plan.clients), "one_sided": avg.one_sided}
+                  "clients": sorted(plan.clients), "one_sided": avg.one_sided, "refused": result.refused}
     except AveragingFailed as e:
         record = {"error": str(e), "peer": avg.peer_id}
     finally:
