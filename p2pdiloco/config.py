@@ -106,13 +106,13 @@ class InnerConfig(_Strict):
 class AveragingConfig(_Strict):
     """Matchmaking and all-reduce waits (seconds). Sized for the recipe; see docs/timeouts.md."""
 
-    matchmaking_s: float = Field(5.0, gt=0, description="how long a peer looks for a group before giving up")
-    request_s: float = Field(3.0, gt=0, description="one matchmaking request; keep below matchmaking_s")
-    allreduce_s: float = Field(60.0, gt=0, description="one all-reduce attempt, after the group formed")
-    next_chunk_s: float = Field(10.0, gt=0, description="silence from a group member before it is dropped")
+    matchmaking_s: float = Field(5.0, gt=0, description="groups protocol: how long a peer looks for a group before giving up")
+    request_s: float = Field(3.0, gt=0, description="one matchmaking request (two_level: slack for the averager's answer); keep below matchmaking_s")
+    allreduce_s: float = Field(60.0, gt=0, description="groups protocol: one all-reduce attempt, after the group formed")
+    next_chunk_s: float = Field(10.0, gt=0, description="silence from a peer before it is dropped (two_level: each stage's wait)")
     round_s: float = Field(120.0, gt=0, description="hard deadline on a whole round (matchmaking + all-reduce)")
     commit_s: float = Field(
-        10.0, gt=0, description="after a complete all-reduce, how long a member waits for every other member to confirm "
+        10.0, gt=0, description="groups protocol: after a complete all-reduce, how long a member waits for every other member to confirm "
         "it holds the result too; without every confirmation nobody applies it (no member steps alone)",
     )
     protocol: Literal["groups", "two_level"] = Field(
