@@ -2,4 +2,5 @@
 
 from p2pdiloco.cli import main
 
-main()
+if __name__ == "__main__":  # a spawned local worker (peer.devices) re-imports this module: it must not run the CLI
+    main()

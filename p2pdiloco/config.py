@@ -230,7 +230,15 @@ class RunConfig(_Strict):
 class PeerConfig(_Strict):
     """What one volunteer chooses for itself. Not fingerprinted."""
 
-    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
+    devices: str = Field(
+        "all", description="where this peer trains: 'all' (every visible GPU, else the CPU), 'cuda:0,cuda:2', 'cuda:1', "
+        "'cpu', or 'cpu:N' (N local worker processes on the CPU); several devices train one peer data-parallel, "
+        "the recipe's global batch split among them (docs/multi-gpu.md)",
+    )
+    local_timeout_s: float = Field(
+        300.0, gt=0, description="several devices: the longest a collective of the peer's local workers may wait "
+        "(start-up, one step, a broadcast) before the peer stops, naming the worker; and a worker's own exit on stop",
+    )
     bf16: bool | None = Field(None, description="bf16 autocast; None = on for CUDA, off for CPU")
     micro_batch_size: int | None = Field(None, gt=0, description="split each step into micro-batches that fit memory")
     threads: int | None = Field(None, gt=0, description="torch CPU threads; None = torch's default")
@@ -335,10 +343,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+RENAMED = {"peer.device": "peer.devices"}  # old key -> new key, for a one-line fix in the error
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
+        if key in RENAMED:
+            return f"{source}: '{key}' is now '{RENAMED[key]}': rename it (see docs/config.md)"
         return f"{source}: unknown key '{key}': check its spelling against docs/config.md"
     return f"{source}: invalid value for '{key}': {first['msg']}"
 

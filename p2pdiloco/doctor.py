@@ -129,20 +129,24 @@ def check_torch(recipe: Recipe) -> tuple[list[Check], dict]:
     import torch
 
     from p2pdiloco.errors import ConfigError
-    from p2pdiloco.model import resolve_device, use_bf16
+    from p2pdiloco.model import resolve_devices, use_bf16
 
     checks = []
     cuda = torch.cuda.is_available()
     built = torch.version.cuda or "none (CPU build)"
     checks.append(Check("torch", OK, f"torch {torch.__version__}, CUDA build {built}", data=dict(version=torch.__version__)))
     try:
-        device = resolve_device(recipe.peer)
+        devices = resolve_devices(recipe.peer)
+        device = devices[0]
         bf16 = use_bf16(recipe.peer, device)
     except ConfigError as e:
         problem, _, fix = str(e).rpartition(": ")  # our errors end with ": the fix"
         checks.append(Check("device", FAIL, problem or str(e), fix))
-        return checks, dict(on_gpu=False, bf16=False, gpu_total=None)
-    info = dict(on_gpu=device.type == "cuda", bf16=bf16, gpu_total=None)
+        return checks, dict(on_gpu=False, bf16=False, gpu_total=None, devices=[])
+    info = dict(on_gpu=device.type == "cuda", bf16=bf16, gpu_total=None, devices=[str(d) for d in devices])
+    if len(devices) > 1:
+        checks.append(Check("devices", OK, f"{len(devices)} local workers, one per device ({', '.join(map(str, devices))}): "
+                            "one peer, the recipe's batch split among them", data=dict(devices=info["devices"])))
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["gpu_total"] = props.total_memory
@@ -155,7 +159,7 @@ def check_torch(recipe: Recipe) -> tuple[list[Check], dict]:
             data=dict(device=props.name, total=props.total_memory, free=free, bf16=torch.cuda.is_bf16_supported()),
         ))
     elif cuda:
-        checks.append(Check("cuda", OK, f"{torch.cuda.get_device_name(0)} present, but peer.device = {recipe.peer.device}: training on CPU"))
+        checks.append(Check("cuda", OK, f"{torch.cuda.get_device_name(0)} present, but peer.devices = {recipe.peer.devices}: training on CPU"))
     else:
         params = count_parameters(recipe.run.model)
         if params > GPU_RECIPE_PARAMS:

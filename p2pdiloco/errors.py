@@ -49,6 +49,12 @@ class ExportError(P2PDilocoError):
     exit_code = 8
 
 
+class LocalWorkerFailed(P2PDilocoError):
+    """A local worker of a multi-device peer died or stopped answering (``peer.devices``)."""
+
+    exit_code = 9
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """True for CUDA's OutOfMemoryError and the CPU allocator's "can't allocate memory"."""
     text = str(err).lower()

@@ -8,6 +8,7 @@ here, not even when the outer step replaces the parameters (DiLoCo keeps it acro
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -61,6 +62,9 @@ class InnerOptimizer:
         fused = device.type in ("cuda", "cpu")
         self.optimizer = torch.optim.AdamW(groups, lr=lr_at(cfg, 0), betas=cfg.betas, fused=fused or None)
         self.last_grad_norm: torch.Tensor | None = None  # pre-clip norm of the last step, on device
+        # Multiplies what is backpropagated, not the loss returned: a rank of a multi-device peer
+        # (p2pdiloco.workers) scales its share of the global batch, so that DDP's mean is exact.
+        self.loss_scale = 1.0
 
     def lr_at(self, global_step: int) -> float:
         return lr_at(self.cfg, global_step)
@@ -76,15 +80,19 @@ class InnerOptimizer:
         if chunk >= rows:
             with autocast(self.device, self.bf16):
                 loss = self.model(input_ids=batch, labels=batch).loss
-            loss.backward()
+            (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
             total = loss.detach()
         else:
             total = torch.zeros((), device=self.device)
-            for part in batch.split(chunk):
+            parts = batch.split(chunk)
+            # DDP (several local devices): average the gradients once, after the last micro-batch
+            no_sync = getattr(self.model, "no_sync", contextlib.nullcontext)
+            for i, part in enumerate(parts):
                 weight = part.shape[0] / rows  # every row has seq_len tokens: row weights are exact
-                with autocast(self.device, self.bf16):
-                    loss = self.model(input_ids=part, labels=part).loss
-                (loss * weight).backward()
+                with no_sync() if i < len(parts) - 1 else contextlib.nullcontext():
+                    with autocast(self.device, self.bf16):
+                        loss = self.model(input_ids=part, labels=part).loss
+                    (loss * (weight * self.loss_scale)).backward()
                 total += loss.detach() * weight
         self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
         self.optimizer.step()

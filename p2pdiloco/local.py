@@ -3,6 +3,8 @@ working parameters and the run's global ones (load, rebase, evaluate).
 
 Everything here is one process and one device; nothing touches the network. The peer
 (:mod:`p2pdiloco.peer`) decides when to train, measure and adopt; this object does it.
+:func:`make` gives a peer on several devices :class:`p2pdiloco.workers.LocalWorkers` instead,
+which has the same calls.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ class LocalModel:
 
     :param shard_key: the peer id: it picks the data shard, and mixes into the batch order so two
         peers that draw the same shard still see different batches
+    :param device: where to train (default: the first of ``peer.devices``)
     """
 
-    def __init__(self, run: RunConfig, peer: PeerConfig, cache: Path, shard_key: str):
+    def __init__(self, run: RunConfig, peer: PeerConfig, cache: Path, shard_key: str, device: torch.device | None = None):
         from p2pdiloco import data, inner, model
 
         self.run, self.micro_batch_size = run, peer.micro_batch_size
-        self.device = model.resolve_device(peer)
+        self.device = device or model.resolve_devices(peer)[0]
         self.bf16 = model.use_bf16(peer, self.device)
         self.model = model.build_model(run.model).to(self.device)
         self.inner = inner.InnerOptimizer(self.model, run.inner, self.device, self.bf16, peer.micro_batch_size)
@@ -48,10 +51,13 @@ class LocalModel:
 
         Running out of memory is a :class:`~p2pdiloco.errors.OutOfMemory` naming the fix (a smaller
         micro-batch), not a traceback."""
+        return self._step(self.stream.next_batch, global_step)
+
+    def _step(self, next_batch, global_step: int) -> float:
         try:
             if faults.reached("inner") == "oom":
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by P2PDILOCO_FAULT)")
-            return self.inner.step(self.stream.next_batch().to(self.device), global_step)
+            return self.inner.step(next_batch().to(self.device), global_step)
         except (RuntimeError, MemoryError) as e:
             if not is_out_of_memory(e):
                 raise
@@ -88,3 +94,29 @@ class LocalModel:
     def state_dict(self) -> dict:
         """What a checkpoint keeps of the local side: the inner optimizer and the data position."""
         return dict(inner=self.inner.state_dict(), data=self.stream.state_dict())
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Take a checkpoint's inner optimizer state and data position (:meth:`state_dict`); whether
+        the data position was for this stream (another peer id reads another shard: it starts afresh)."""
+        self.inner.load_state_dict(state["inner"])
+        try:
+            self.stream.load_state_dict(state["data"])
+        except ValueError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def make(run: RunConfig, peer: PeerConfig, cache: Path, shard_key: str):
+    """The local side of a peer: a :class:`LocalModel` on one device, or
+    :class:`~p2pdiloco.workers.LocalWorkers` on the several that ``peer.devices`` names."""
+    from p2pdiloco import model
+
+    devices = model.resolve_devices(peer)
+    if len(devices) == 1:
+        return LocalModel(run, peer, cache, shard_key, device=devices[0])
+    from p2pdiloco.workers import LocalWorkers
+
+    return LocalWorkers(run, peer, cache, shard_key, devices)

@@ -137,22 +137,42 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], device: torch.device
         model.train()
 
 
+def resolve_devices(peer: PeerConfig) -> list[torch.device]:
+    """``peer.devices`` as torch devices, one per local worker of the peer (the first is the peer's
+    own process): ``all`` is every visible CUDA GPU, or the CPU if there is none."""
+    spec = peer.devices.strip().lower()
+    fix = "use all, cpu, cpu:N, cuda, cuda:N or a list such as cuda:0,cuda:2"
+    if spec in ("all", "auto"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [torch.device("cuda", i) for i in range(count)] or [torch.device("cpu")]
+    if spec.startswith("cpu:"):
+        count = spec.removeprefix("cpu:")
+        if not count.isdigit() or not 1 <= int(count) <= 64:
+            raise ConfigError(f"peer.devices = '{peer.devices}': cpu:N takes a number of workers from 1 to 64")
+        return [torch.device("cpu")] * int(count)
+    devices = []
+    for name in spec.split(","):
+        try:
+            device = torch.device(name.strip())
+        except RuntimeError:
+            raise ConfigError(f"peer.devices = '{peer.devices}': '{name.strip()}' is not a device: {fix}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"peer.devices = '{peer.devices}': '{name.strip()}' is not a device: {fix}")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"peer.devices = '{peer.devices}' but no CUDA GPU is visible: use peer.devices=cpu")
+            device = torch.device("cuda", device.index or 0)
+            if device.index >= torch.cuda.device_count():
+                raise ConfigError(f"peer.devices = '{peer.devices}' but only {torch.cuda.device_count()} GPU(s) are visible")
+        devices.append(device)
+    if len(set(devices)) < len(devices) or (len(devices) > 1 and any(d.type == "cpu" for d in devices)):
+        raise ConfigError(f"peer.devices = '{peer.devices}': name each GPU once (several CPU workers: cpu:N)")
+    return devices
+
+
 def resolve_device(peer: PeerConfig) -> torch.device:
-    """``peer.device`` as a torch device: ``auto`` is the first CUDA GPU if there is one, else CPU."""
-    if peer.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(peer.device)
-    except RuntimeError:
-        raise ConfigError(f"peer.device = '{peer.device}' is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"peer.device = '{peer.device}' but no CUDA GPU is visible: use peer.device=cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"peer.device = '{peer.device}' but only {torch.cuda.device_count()} GPU(s) are visible"
-            )
-    return device
+    """The device of the peer's own process: the first of ``peer.devices``."""
+    return resolve_devices(peer)[0]
 
 
 def use_bf16(peer: PeerConfig, device: torch.device) -> bool:

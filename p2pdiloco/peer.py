@@ -40,7 +40,7 @@ from p2pdiloco.averaging import PseudoGradientAverager, RoundResult
 from p2pdiloco.catchup import CatchUp
 from p2pdiloco.config import Recipe
 from p2pdiloco.errors import CheckpointError, StateDownloadFailed
-from p2pdiloco.local import LocalModel
+from p2pdiloco.local import make as make_local
 from p2pdiloco.outer import OuterState
 from p2pdiloco.presence import Presence
 from p2pdiloco.rounds import PendingRound, Round, judge_flags
@@ -136,7 +136,7 @@ class Peer:
     def _build(self, run, peer, cache: Path) -> None:
         joined = swarm.check_fingerprint(self.dht, run.name, self.fingerprint, run.canonical(), ttl=CONFIG_TTL_S)
         log.info("peer %s %s run '%s' (config %s)", self.short_id, "joined" if joined else "started", run.name, self.fingerprint)
-        self.local = LocalModel(run, peer, cache, shard_key=self.peer_id)
+        self.local = make_local(run, peer, cache, shard_key=self.peer_id)  # one device, or workers on several
         self.outer = OuterState.for_run(self.local.parameters(), run)
         self.catchup = CatchUp(self.outer, fingerprint=self.fingerprint, lock=self.state_lock, ban=self._ban)
         self.averager = self.catchup.averager = PseudoGradientAverager.for_run(
@@ -157,13 +157,10 @@ class Peer:
             self.outer.load_checkpoint(state)
         except StateDownloadFailed as e:
             raise CheckpointError(f"checkpoint in {directory} fails its check ({e}): move it away to start fresh") from None
-        self.local.inner.load_state_dict(state["inner"])
         residual = state.get("residual")
         if self.residual is not None and isinstance(residual, torch.Tensor) and residual.shape == self.residual.shape:
             self.residual.copy_(residual)
-        try:
-            self.local.stream.load_state_dict(state["data"])
-        except ValueError:  # another peer id (no --identity) reads another shard: start that one afresh
+        if not self.local.load_state_dict(state):  # another peer id (no --identity) reads another shard
             log.info("data position not restored: this peer id reads another shard (use --identity to keep it)")
         self.local.load(self.outer.params)
         self.resumed_epoch = self.outer.epoch
@@ -533,6 +530,7 @@ class Peer:
         except Exception as e:  # leaving without notice only costs others a few heartbeats
             log.debug("could not announce leaving: %r", e)
         self.averager.shutdown()
+        self.local.close()  # a multi-device peer's local workers
         dht.stop_dht(self.dht)
         self.sinks.close()  # last: wandb may upload for a while, and the swarm must not wait for that
 

@@ -17,7 +17,9 @@ public_host=${3:?usage: cloud-docker.sh RECIPE PEERS PUBLIC_HOST}
 docker build -t p2pdiloco .
 
 # --init: a tiny init as PID 1 forwards SIGTERM to p2pdiloco and reaps hivemind's child processes.
-# --ipc host: hivemind's averager keeps its buffers in shared memory (Docker's default is 64 MB).
+# --ipc host: hivemind's averager keeps its buffers in shared memory (Docker's default is 64 MB),
+#   and so do the local workers of a multi-GPU peer.
+# --gpus all: every GPU of the machine trains this one peer (peer.devices = "all", docs/multi-gpu.md).
 run=(docker run --init --gpus all --ipc host -p 31338:31338 -v p2pdiloco-cache:/cache)
 net=(--peers "$peers" --host 0.0.0.0 --port 31338 --public-host "$public_host")
 

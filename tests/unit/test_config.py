@@ -64,7 +64,7 @@ def test_overrides_are_typed_and_bad_keys_rejected():
 
 def test_fingerprint_is_stable_and_ignores_peer_choices():
     a = load_recipe("test")
-    b = load_recipe("test", ["peer.port=4000", "peer.threads=2", "peer.device=cpu"])
+    b = load_recipe("test", ["peer.port=4000", "peer.threads=2", "peer.devices=cpu"])
     assert a.run.fingerprint() == b.run.fingerprint() == load_recipe("test").run.fingerprint()
     c = load_recipe("test", ["run.outer_lr=0.5"])
     assert c.run.fingerprint() != a.run.fingerprint()

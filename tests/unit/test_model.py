@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM
 
 from p2pdiloco.config import ModelConfig, PeerConfig, load_recipe
 from p2pdiloco.errors import ConfigError
-from p2pdiloco.model import build_model, count_parameters, evaluate, parameter_digest, resolve_device, use_bf16
+from p2pdiloco.model import build_model, count_parameters, evaluate, parameter_digest, resolve_device, resolve_devices, use_bf16
 
 # parameter_digest of the test recipe's initial model. It must be the same on every machine and
 # torch build: a change here means peers with different setups would start from different weights.
@@ -79,13 +79,31 @@ def test_evaluate_is_mean_loss_and_restores_train_mode(test_recipe):
 
 
 def test_device_and_bf16_choice():
-    assert resolve_device(PeerConfig(device="cpu")) == torch.device("cpu")
+    assert resolve_device(PeerConfig(devices="cpu")) == torch.device("cpu")
     cpu = torch.device("cpu")
     assert use_bf16(PeerConfig(), cpu) is False
     assert use_bf16(PeerConfig(bf16=True), cpu) is True
     if not torch.cuda.is_available():
-        assert resolve_device(PeerConfig(device="auto")) == cpu
+        assert resolve_device(PeerConfig(devices="auto")) == cpu
         with pytest.raises(ConfigError, match="no CUDA GPU"):
-            resolve_device(PeerConfig(device="cuda"))
+            resolve_device(PeerConfig(devices="cuda"))
     with pytest.raises(ConfigError, match="not a device"):
-        resolve_device(PeerConfig(device="gpu0"))
+        resolve_device(PeerConfig(devices="gpu0"))
+
+
+def test_devices_name_one_worker_each_and_bad_names_get_the_fix():
+    cpu = torch.device("cpu")
+    assert resolve_devices(PeerConfig(devices="cpu:3")) == [cpu] * 3
+    if not torch.cuda.is_available():
+        assert resolve_devices(PeerConfig()) == [cpu]  # all: every GPU, else the CPU
+    for bad, message in [("cpu:0", "from 1 to 64"), ("cpu:x", "from 1 to 64"), ("tpu", "not a device"),
+                         ("cpu,cpu", "name each GPU once")]:
+        with pytest.raises(ConfigError, match=message):
+            resolve_devices(PeerConfig(devices=bad))
+
+
+def test_the_old_device_key_is_named_with_its_new_name():
+    from p2pdiloco.config import load_recipe
+
+    with pytest.raises(ConfigError, match="'peer.device' is now 'peer.devices'"):
+        load_recipe("test", ["peer.device=cpu"])
