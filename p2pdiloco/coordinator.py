@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from p2pdiloco import swarm
+from p2pdiloco.swarm import devices_label
 from p2pdiloco.dht import RoutingWatchdog, maddrs_of, start_dht, stop_dht
 from p2pdiloco.errors import SwarmError
 
@@ -142,12 +143,14 @@ def print_status(peers: list[str], *, run: str | None, as_json: bool, timeout: f
             facts.append(f"last round: epoch {last['epoch']}, {last['group_size']} peers{contributing}, {last['allreduce_s']:.2f} s, "
                          f"{human_bytes(last['bytes_sent'])} sent")
         table = Table(title=f"run {name}: " + "; ".join(facts))
-        for col in ("peer", "state", "epoch", "tokens/s", "train loss", "val loss", "group", "contrib.", "all-reduce s", "sent", "digest", "seen"):
+        for col in ("peer", "state", "devices", "epoch", "tokens/s", "train loss", "val loss", "group", "contrib.", "all-reduce s", "sent",
+                    "digest", "seen"):
             table.add_column(col, justify="left" if col in ("peer", "state", "digest") else "right")
         for r in s["peers"]:
             table.add_row(
                 r["peer"][-12:],
                 r["role"],
+                devices_label(r.get("devices") or []),
                 str(r["epoch"]),
                 f"{r['tokens_per_s']:.0f}",
                 "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}",

@@ -43,6 +43,10 @@ class LocalModel:
                                                 micro_batch_size=peer.micro_batch_size)
 
     @property
+    def devices(self) -> list[torch.device]:
+        return [self.device]
+
+    @property
     def tokens_per_step(self) -> int:
         return self.run.data.batch_size * self.run.data.seq_len
 

@@ -452,6 +452,7 @@ class Peer:
             bytes_sent_total=self.bytes_sent_total,
             one_sided=self.averager.one_sided,
             client=self.client_mode,
+            devices=[str(d) for d in self.local.devices],
         )
 
     def facts(self) -> console.Facts:

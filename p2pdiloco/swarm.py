@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from typing import Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from p2pdiloco.errors import ConfigMismatch, SwarmError
 
@@ -72,6 +72,27 @@ class Progress(BaseModel):
     bytes_sent_total: int = Field(0, ge=0)
     one_sided: int = Field(0, ge=0)  # rounds that may have ended one-sided here (README, "one_sided")
     client: bool = False  # cannot be dialed (client mode): never an owner in a two-level round (docs/scaling.md)
+    # where this peer trains, one entry per local worker (peer.devices; docs/multi-gpu.md); [] = not said
+    devices: list[str] = Field(default_factory=list, max_length=64)
+
+    @field_validator("devices")
+    @classmethod
+    def _short_names(cls, devices: list[str]) -> list[str]:
+        if any(len(d) > 32 for d in devices):
+            raise ValueError("device names are short (cpu, cuda:N)")
+        return devices
+
+
+def devices_label(devices: list[str]) -> str:
+    """A peer's devices in a few characters: ``cuda:1`` for one, ``4×cuda`` or ``2×cpu`` for several
+    local workers, ``-`` when the record does not say (an older peer, a backup)."""
+    if len(devices) <= 1:
+        return devices[0] if devices else "-"
+    counts: dict[str, int] = {}
+    for device in devices:
+        kind = device.split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{n}×{kind}" for kind, n in counts.items())
 
 
 def fork_settled(counts: Mapping[str, int], winner: str, pending: int) -> bool:

@@ -1,8 +1,11 @@
 """A peer on several local devices in a real swarm: two CPU workers (gloo) make one peer, which
 averages with a one-device peer; the death of a local worker stops its peer alone."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,11 @@ def test_a_two_worker_peer_and_a_one_worker_peer_hold_one_state_and_a_dead_worke
     log = lambda: (swarm.out / f"peer{pair}.log").read_text()  # noqa: E731
     assert "training on 2 local devices" in log()
     assert all(r["group_size"] == 2 for r in steps()), "the two-worker peer is one member of the round"
+    # status says where each peer trains
+    args = [sys.executable, "-m", "p2pdiloco", "status", "--run", "test", "--json", "--timeout", "10", "--peers", swarm.addrs[0]]
+    rows = json.loads(subprocess.run(args, capture_output=True, text=True, timeout=60, check=True).stdout)["test"]["peers"]
+    devices = {row["peer"]: row["devices"] for row in rows}
+    assert devices[steps()[0]["peer"]] == ["cpu", "cpu"] and devices[swarm.metrics(single)[0]["peer"]] == ["cpu"]
 
     workers = _spawned_workers(swarm.peers[pair].proc.pid)
     assert len(workers) == 1, f"expected one spawned local worker, found {workers}"

@@ -91,3 +91,16 @@ def test_a_run_started_again_under_its_name_gets_a_fresh_history():
     run = watch.snapshot()["runs"][0]
     assert [p["val_loss"] for p in run["val_curve"]] == [7.0] and [r["epoch"] for r in run["rounds"]] == [1]
     assert run["history_since"] == 3.0
+
+
+def test_each_peer_says_where_it_trains():
+    from p2pdiloco.swarm import devices_label
+
+    records = {"a": _record("a", 1, devices=["cuda:0", "cuda:1", "cuda:2", "cuda:3"]), "b": _record("b", 1, devices=["cpu"]),
+               "k": _record("k", 1, backup=True)}
+    rows = {p["peer"]: p["devices"] for p in dashboard.summarize_run("r", records, now=100.0)["peers"]}
+    assert rows == {"a": ["cuda:0", "cuda:1", "cuda:2", "cuda:3"], "b": ["cpu"], "k": []}
+    assert [devices_label(rows[p]) for p in "abk"] == ["4×cuda", "cpu", "-"]
+    assert devices_label(["cpu", "cpu"]) == "2×cpu"
+    with pytest.raises(ValueError):
+        Progress(peer="x", epoch=0, state_hash="ab", devices=["x" * 33])
