@@ -132,6 +132,8 @@ def analyse(metrics: list[list[dict]], kills: list[dict], exit_codes: list[int],
         forks_healed=sum(r.get("reason") == "fork" for r in records),
         work_kept=round(summary["work_kept"], 4) if summary["work_kept"] is not None else None,
         work_kept_peer_epochs=f"{summary['work_kept_peer_epochs']}/{summary['peer_epochs_trained']}",
+        work_kept_whole=round(summary["work_kept_whole"], 4) if summary["work_kept_whole"] is not None else None,
+        work_lost=lost_work(metrics, summary),
         one_sided_rounds=sum(_lifetime_total([r.get("one_sided", 0) for r in peer if r.get("event") == "outer_step"])
                              for peer in metrics),
         max_group_size=max((r.get("group_size", 1) for r in records if r.get("event") == "outer_step"), default=0),
@@ -146,6 +148,43 @@ def analyse(metrics: list[list[dict]], kills: list[dict], exit_codes: list[int],
         leftover_process_groups=leftovers,
         kill_log=kills,
     )
+
+
+def lost_work(metrics: list[list[dict]], summary: dict) -> dict[str, float]:
+    """Where the peer-epochs that did not reach the kept state went, in peer-epochs (shares count):
+
+    - ``catch_up``: a (restarted or lagging) peer's epoch spent downloading the swarm's state;
+      ``catch_up_rebased``: of those, the downloads that kept unsent work (``rebased_steps`` > 0:
+      a lagging peer's work goes, rebased, into its next round, so it is delayed, not lost);
+    - ``fork``: an epoch whose state lost the fork rule (healed by a download, or never);
+    - ``part``: the share of a round's work left out of the state (a dead owner's column, a dead
+      decider's cell; carried into the peer's next round, so delayed rather than lost);
+    - ``left_out``: a round applied without this peer's work (a late or refused sender).
+    """
+    kept = {r["epoch"]: r["kept_state"] for r in summary["epochs"]}
+    lost = dict(catch_up=0.0, catch_up_rebased=0.0, fork=0.0, part=0.0, left_out=0.0)
+    for peer in metrics:
+        epochs: dict[int, list[dict]] = {}
+        for r in peer:
+            if r.get("event") in ("outer_step", "solo_step", "downloaded"):
+                epochs.setdefault(r["epoch"], []).append(r)
+        for epoch, records in epochs.items():
+            steps = [r for r in records if r["event"] != "downloaded"]
+            mine = [r for r in steps if r["state_hash"] == kept.get(epoch)]
+            if mine:
+                r = mine[-1]
+                whole = r["peer"] in r.get("contributors", r.get("group", [r["peer"]]))
+                share = (r.get("partly_included") or {}).get(r["peer"], 1.0 if whole else 0.0)
+                if share:
+                    lost["part"] += 1 - share
+                else:
+                    lost["left_out"] += 1
+            elif steps:
+                lost["fork"] += 1
+            else:
+                lost["catch_up"] += 1
+                lost["catch_up_rebased"] += any(r.get("rebased_steps", 0) > 0 for r in records)
+    return {k: round(v, 2) for k, v in lost.items()}
 
 
 def _lifetime_total(counts: list[int]) -> int:

@@ -13,7 +13,8 @@ hostile for good):
   ``part`` (the averager process is encoding one of its parts for a reducer),
   ``inner`` (an inner training step is about to run), ``partials`` (two-level round: an owner has
   reduced its group's column and is about to send its cells to their deciders), ``result`` (the
-  averager process holds every averaged part of its all-reduce);
+  averager process holds every averaged part of its all-reduce), ``link`` (two-level round: the
+  round starts);
 - actions: ``kill`` (SIGKILL of the peer's whole process group: Python, DHT, averager, p2pd),
   ``stop`` (SIGSTOP of the group: a frozen laptop; the test resumes it with SIGCONT),
   ``nan`` (only at ``send``: the pseudo-gradient goes on the wire as NaN, bypassing the peer's own
@@ -24,7 +25,9 @@ hostile for good):
   value short, a well-formed message of the wrong shape),
   ``oom`` (only at ``inner``: the
   step fails as if the accelerator ran out of memory), ``drop`` (only at ``result``: this member's
-  round fails although every part arrived, while the others' succeed: a one-sided round on purpose).
+  round fails although every part arrived, while the others' succeed: a one-sided round on purpose),
+  ``cut`` (only at ``link``: for that round, nothing passes between this peer and one other member of
+  its group, either way, while both reach everyone else: a link down between two peers only).
 
 Unset (always, outside the tests) it costs one dictionary lookup per point.
 """
@@ -39,10 +42,10 @@ from collections import Counter
 import torch
 
 ENV = "P2PDILOCO_FAULT"
-POINTS = ("matchmaking", "allreduce", "send", "part", "inner", "partials", "result")
-ACTIONS = ("kill", "stop", "nan", "inf", "scale", "random", "truncate", "oom", "drop")
+POINTS = ("matchmaking", "allreduce", "send", "part", "inner", "partials", "result", "link")
+ACTIONS = ("kill", "stop", "nan", "inf", "scale", "random", "truncate", "oom", "drop", "cut")
 CORRUPTIONS = ("nan", "inf", "scale", "random")  # the actions at "send": what goes out instead (see corrupt)
-_ONLY_AT = {"nan": "send", "inf": "send", "scale": "send", "random": "send", "truncate": "part", "oom": "inner", "drop": "result"}
+_ONLY_AT = {"nan": "send", "inf": "send", "scale": "send", "random": "send", "truncate": "part", "oom": "inner", "drop": "result", "cut": "link"}
 
 log = logging.getLogger(__name__)
 _reached: Counter = Counter()
@@ -59,7 +62,7 @@ def _parse(spec: str) -> tuple[str, str, int, bool]:
     if point not in POINTS or action not in ACTIONS or count < 1 or _ONLY_AT.get(action, point) != point:
         raise ValueError(
             f"{ENV}={spec!r}: points {POINTS}, actions {ACTIONS} ('nan', 'inf', 'scale', 'random' only at "
-            "'send', 'truncate' only at 'part', 'oom' only at 'inner', 'drop' only at 'result'), N >= 1"
+            "'send', 'truncate' only at 'part', 'oom' only at 'inner', 'drop' only at 'result', 'cut' only at 'link'), N >= 1"
         )
     return point, action, count, onwards
 

@@ -330,6 +330,8 @@ class Peer:
             group=group.group if group else [self.peer_id],
             # whose pseudo-gradients this state holds: the group less the members left out of the average
             contributors=sorted(group.contributors) if group else [self.peer_id],
+            # two-level: peers only part of whose work is in it (an owner died), with that share
+            partly_included={p: round(x, 4) for p, x in sorted(group.included.items()) if 0 < x < 1} if group else {},
             inner_steps=done.steps,
             tokens=done.tokens,
             staleness=staleness,  # outer steps between the work's base and its round
@@ -418,7 +420,8 @@ class Peer:
             self.catchup.adopt(fetched)
             self.local.rebase(previous, self.outer.params)  # our work so far goes, stale, into our next round
             self._record(dict(epoch=self.outer.epoch, event="downloaded", reason=target.reason,
-                              state_hash=fetched.header.state_hash, donor=fetched.donor, val_loss=self._maybe_eval()))
+                              state_hash=fetched.header.state_hash, donor=fetched.donor, val_loss=self._maybe_eval(),
+                              rebased_steps=self.work.steps))  # unsent work kept: it goes in our next round
             log.info("now at epoch %d (state from %s)", self.outer.epoch, fetched.donor[-6:])
             return True
         finally:

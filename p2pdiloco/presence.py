@@ -89,7 +89,9 @@ class Presence:
         others = self.read()
         if others is None:
             return None
-        if others or self.view.may_be_alone(time.monotonic(), self.cfg.alone_after_s, self._neighbours):
+        # back from a cut, a record can take its lifetime (3 heartbeats) to be readable again
+        if others or self.view.may_be_alone(time.monotonic(), self.cfg.alone_after_s, self._neighbours,
+                                            settle_s=3 * self.cfg.heartbeat_s):
             return others
         return None
 

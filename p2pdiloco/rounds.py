@@ -132,6 +132,10 @@ class Round:
             return None
         result = self.averager.average_plan(delta, plan, weight=tokens)
         outcome = result.outcome
+        if not outcome.apply and result.doubtful:
+            log.warning("epoch %d: %d cell(s) of the round reached neither this peer nor the peers it asked, which may "
+                        "hold them (a link down?); not applied, the work goes at the next attempt", epoch, result.doubtful)
+            return None
         if not outcome.apply:
             log.warning("epoch %d: two-level round of %d peers decided %.0f %% of the values, below the quorum; "
                         "not applied, the work goes at the next attempt", epoch, len(plan.peers), 100 * outcome.decided)
@@ -144,7 +148,7 @@ class Round:
                            bytes_sent=result.bytes_sent, bytes_received=result.bytes_received, encode_s=result.encode_s,
                            decode_s=result.decode_s,
                            residual=result.residual, flagged=result.flagged, contributors=outcome.contributors,
-                           refused=result.refused)
+                           refused=result.refused, included=dict(outcome.included))
 
     def wait_for_peers(self, pending: PendingRound):
         """Wait (bounded) for the live peers at or behind our epoch to be ready.

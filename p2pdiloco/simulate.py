@@ -136,14 +136,20 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float, sta
       ``downloaded`` record at ``e`` (it took part in that epoch; counted once however many records).
       A download counts too: the work of a peer that fell behind or lost a fork is not in ``e``'s
       state, and a joiner's first download counts as an epoch in which nothing of its work was kept;
-    - ``work_kept`` = Σ contributors / Σ trained over the epochs (``work_kept_peer_epochs`` /
+    - a two-level round whose column owner or cell decider died keeps only part of some peers' work
+      (the rest is carried into their next round): such a peer counts for its share of values in
+      the state (``partly_included`` of the records), so ``kept`` is a sum of shares, not a count;
+    - ``work_kept`` = Σ kept / Σ trained over the epochs (``work_kept_peer_epochs`` /
       ``peer_epochs_trained``); None when no peer trained. A contributor counts only if it trained
       at that epoch here too, so a peer whose metrics are missing cannot push the fraction past 1.
+      The carried part lands one round later and is not counted: the figure is a lower bound.
+      ``work_kept_whole`` counts only the peer-epochs whose work is in the state entire.
     """
     hashes: dict[int, dict[str, str]] = {}
     per_epoch: dict[int, list[dict]] = {}
     trained: dict[int, set[str]] = {}  # epoch -> the peers that took part in it
     contributed: dict[tuple[int, str], set[str]] = {}  # (epoch, digest) -> the peers whose work that state holds
+    partly: dict[tuple[int, str], dict[str, float]] = {}  # (epoch, digest) -> peers with part of their work in it
     for records in metrics.values():
         for r in records:
             hashes.setdefault(r["epoch"], {})[r["peer"]] = r["state_hash"]
@@ -153,6 +159,9 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float, sta
             if r.get("event") in ("outer_step", "solo_step"):
                 who = r.get("contributors", r.get("group", [r["peer"]]))
                 contributed.setdefault((r["epoch"], r["state_hash"]), set()).update(who)
+                shares = partly.setdefault((r["epoch"], r["state_hash"]), {})
+                for p, share in (r.get("partly_included") or {}).items():
+                    shares[p] = max(shares.get(p, 0.0), min(1.0, max(0.0, float(share))))
     val = {e: [r["val_loss"] for r in rs if r.get("val_loss") is not None] for e, rs in per_epoch.items()}
     val = {e: v[0] for e, v in val.items() if v}
     completed = max((e for e, rs in per_epoch.items() if any(r.get("event") in ("outer_step", "solo_step") for r in rs)), default=0)
@@ -162,6 +171,8 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float, sta
         held = Counter(hashes[epoch].values())
         kept = min(held, key=lambda h: (-held[h], h))
         took_part = trained.get(epoch, set())
+        whole = contributed.get((epoch, kept), set()) & took_part
+        shares = partly.get((epoch, kept), {})
         rows.append(
             dict(
                 epoch=epoch,
@@ -177,7 +188,9 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float, sta
                 peers_reporting=len(hashes[epoch]),
                 distinct_states=len(held),
                 kept_state=kept,
-                contributors=len(contributed.get((epoch, kept), set()) & took_part),
+                contributors=len(whole),
+                # peer-epochs, shares counted (a contributor's too: an undecided cell leaves part of everyone out)
+                kept=sum(shares.get(p, 1.0 if p in whole else 0.0) for p in took_part),
                 trained=len(took_part),
             )
         )
@@ -194,7 +207,8 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float, sta
         (r["time"] - origin, r["epoch"], r["val_loss"]) for rs in metrics.values() for r in rs if r.get("val_loss") is not None
     )
     rounds = max(1, sum(r["rounds"] for r in rows))
-    kept_work, peer_epochs = sum(r["contributors"] for r in rows), sum(r["trained"] for r in rows)
+    kept_work, peer_epochs = sum(r["kept"] for r in rows), sum(r["trained"] for r in rows)
+    whole_work = sum(r["contributors"] for r in rows)
     return dict(
         peers=num_peers,
         epochs_completed=completed,
@@ -215,8 +229,11 @@ def summarize(metrics: dict[str, list[dict]], num_peers: int, wall_s: float, sta
         val_curve=[[round(t, 3), v] for t, _, v in val_points],
         # peer-epochs whose work reached the state the run continued from, of those trained (see above)
         work_kept=kept_work / peer_epochs if peer_epochs else None,
-        work_kept_peer_epochs=kept_work,
+        work_kept_peer_epochs=int(kept_work) if float(kept_work).is_integer() else round(kept_work, 2),
         peer_epochs_trained=peer_epochs,
+        # the stricter count: peer-epochs whose work is in the kept state entire
+        work_kept_whole=whole_work / peer_epochs if peer_epochs else None,
+        whole_peer_epochs=whole_work,
         epochs=rows,
     )
 
@@ -263,7 +280,7 @@ def print_table(summary: dict) -> None:
             f"{r['allreduce_s']:.2f}",
             f"{r['bytes_sent'] / 1e6:.1f}",
             f"{r['bytes_received'] / 1e6:.1f}",
-            f"{r['contributors']}/{r['trained']}" if r["trained"] else "-",
+            f"{_count(r['kept'])}/{r['trained']}" if r["trained"] else "-",
             "identical" if r["distinct_states"] == 1 else f"{r['distinct_states']} DIFFER",
         )
     console = Console()
@@ -275,9 +292,16 @@ def print_table(summary: dict) -> None:
     else:
         console.print(f"{verdict}: some epochs have differing states (see summary.json)")
     if summary["peer_epochs_trained"]:
-        kept, trained = summary["work_kept_peer_epochs"], summary["peer_epochs_trained"]
+        kept, trained, whole = summary["work_kept_peer_epochs"], summary["peer_epochs_trained"], summary["whole_peer_epochs"]
         lost = "" if kept == trained else "; the rest was trained into states the run did not continue from"
-        console.print(f"work kept: {kept}/{trained} peer-epochs ({100 * summary['work_kept']:.0f} %){lost}")
+        if whole != kept:  # a dead owner's column: part of some peers' work, carried to their next round
+            lost = f"; {whole} of them entire, the others in part (the rest carried to the next round)"
+        console.print(f"work kept: {_count(kept)}/{trained} peer-epochs ({100 * summary['work_kept']:.0f} %){lost}")
+
+
+def _count(peer_epochs: float) -> str:
+    """A count of peer-epochs that may hold shares: whole numbers print as such."""
+    return f"{peer_epochs:.0f}" if float(peer_epochs).is_integer() else f"{peer_epochs:.2f}"
 
 
 def default_timeout(recipe, epochs: int, num_peers: int) -> float:

@@ -57,6 +57,7 @@ class SwarmView:
         self.departed: set[str] = set()  # ...and those that announced leaving
         self.furthest_epoch = 0  # the highest epoch any training peer reached, leaving ones included
         self.cut_off_since: float | None = None
+        self.back_since: float | None = None  # when DHT neighbours answered again after a cut
 
     # ------------------------------------------------------------ reading records
     def update(self, records: Mapping[str, Progress]) -> dict[str, Progress]:
@@ -72,7 +73,7 @@ class SwarmView:
         self.backups = {p: r for p, r in records.items() if r.backup and not r.leaving}
         self.seen.update(self.live)
         if self.live:
-            self.cut_off_since = None
+            self.cut_off_since = self.back_since = None
         return self.live
 
     # ------------------------------------------------------------ decisions
@@ -140,7 +141,7 @@ class SwarmView:
         from its older state would only fork the finished run."""
         return max_epochs is not None and max(epoch, self.furthest_epoch) >= max_epochs
 
-    def may_be_alone(self, now: float, alone_after_s: float, neighbours: Callable[[], int]) -> bool:
+    def may_be_alone(self, now: float, alone_after_s: float, neighbours: Callable[[], int], settle_s: float = 0.0) -> bool:
         """With no live record: is this peer alone, or cut off from a swarm that goes on?
 
         Alone when every peer seen so far announced leaving, or when DHT neighbours still answer
@@ -148,6 +149,10 @@ class SwarmView:
         Cut off (nobody answers) a peer must not step alone: it would publish a state of its own
         as the run's. It trains on and asks again; after ``alone_after_s`` of being cut off it
         assumes the swarm is gone and forgets who it saw.
+
+        Back from a cut, neighbours answer a ping before the others' records can be read through
+        them: an empty read in the first ``settle_s`` (the records' lifetime) proves nothing. In
+        the partition test a peer whose link had just healed read nobody, stepped alone and forked.
         """
         if self.seen <= self.departed:
             return True
@@ -156,8 +161,9 @@ class SwarmView:
         except Exception:
             return False
         if answering:
-            self.cut_off_since = None
-            return True
+            if self.cut_off_since is not None:
+                self.cut_off_since, self.back_since = None, now
+            return self.back_since is None or now >= self.back_since + settle_s
         if self.cut_off_since is None:
             self.cut_off_since = now
             log.warning("no DHT neighbour left (network cut?): not stepping alone for up to %.0f s", alone_after_s)

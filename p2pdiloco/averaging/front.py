@@ -57,6 +57,9 @@ class RoundResult:
     # Two-level: peers the round's decisions name as senders of non-finite or malformed values;
     # every peer holding those decisions reads the same names and bans them alike.
     refused: list[str] = dataclasses.field(default_factory=list)
+    # Two-level: per peer, the share of its pseudo-gradient (by values) in the state, where a dead
+    # owner's column left part of it out (carried to the next round); empty: the contributors' all.
+    included: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -73,6 +76,8 @@ class PlanRoundResult:
     decode_s: float = 0.0
     residual: torch.Tensor | None = None  # error feedback: what quantizing our columns dropped
     flagged: list[str] = dataclasses.field(default_factory=list)  # members an owner's robust rule flagged
+    # cells we could get from neither their holder nor every peer we asked: then we step not
+    doubtful: int = 0
     refused: list[str] = dataclasses.field(default_factory=list)  # senders of unusable values, named in decisions
 
 
@@ -342,7 +347,12 @@ class PseudoGradientAverager:
         traffic, self._counted = now - self._counted, now
         with self._averager.get_tensors() as (buffer,):
             average = buffer.clone()
-        if outcome.apply and answer.get("unsure"):
+        doubtful = int(answer.get("doubtful", 0))
+        if outcome.apply and doubtful:
+            # A cell we could get from neither its holder nor every peer we peeked at: we are
+            # likelier the one cut off. Step not (carry everything) and catch up with the swarm.
+            outcome = planning.assemble(plan, self.peer_id, {}, pseudo_gradient.numel(), quorum)
+        elif outcome.apply and answer.get("unsure"):
             # Applied with a cell left zero that a holder we could not ask may hold: possibly
             # one-sided (the fork rule settles it if it was); counted, as the groups' commit counts its own.
             self.one_sided += 1
@@ -351,7 +361,7 @@ class PseudoGradientAverager:
             bytes_sent=int(traffic[SENT]), bytes_received=int(traffic[RECEIVED]),
             encode_s=float(traffic[ENCODE_S]), decode_s=float(traffic[DECODE_S]),
             residual=None if self._averager.residual is None else self._averager.residual.clone(),
-            flagged=list(answer.get("flagged", [])), refused=list(answer.get("refused", [])),
+            flagged=list(answer.get("flagged", [])), refused=list(answer.get("refused", [])), doubtful=doubtful,
         )
 
     def _commit(self, epoch: int, gathered: dict[str, Any], excused: Sequence[str]) -> None:

@@ -15,7 +15,11 @@ message carries a small header (in ``group_id``: plan, kind, index, weight, memb
   weight and the members it includes;
 - ``decision``: a decided cell, encoded **once** by its decider, to the column's other owners;
 - ``forward``: the same bytes, unchanged, from an owner to the members of its group;
-- ``fetch`` (the repair step): "send me cell ``(c, h)`` if you hold it", answered with its bytes.
+- ``fetch`` (the repair step): "send me cell ``(c, h)`` if you hold it", answered with its bytes
+  once the holder's own round has settled the cell (a final answer);
+- ``peek``: the same asked of any other peer of the round, answered at once with what it holds
+  now: when a holder we must ask cannot be reached from here (a link down one way), a peer that
+  can reach it has the cell, and taking it from there keeps us on the one state.
 
 Nothing a stranger sends is trusted: headers are type-checked, a part must decode to the size
 the plan says and hold finite values, and a message larger than the whole pseudo-gradient in
@@ -45,9 +49,10 @@ from p2pdiloco.averaging.wire import all_finite, usable_contribution
 
 log = logging.getLogger(__name__)
 
-KINDS = ("column", "partial", "decision", "forward", "fetch")
+KINDS = ("column", "partial", "decision", "forward", "fetch", "peek")
 CHUNK_BYTES = 1 << 19  # the size of one streamed chunk (hivemind's parts are 512 KB too)
 KEPT_PLANS = 8  # rounds whose messages and decisions a peer keeps (late arrivals, repair requests)
+PEEKS = 8  # how many other peers a repair peeks at when a holder could not be reached
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +96,16 @@ class Header:
         return cls(plan_id, kind, tuple(index), float(weight), tuple(members), tuple(flagged), tuple(refused))
 
 
+_LATE = object()  # a message slot whose wait has ended: what comes now is not used
+
+
 class Mailbox:
     """Messages of recent rounds, by plan and ``(kind, index, sender)``; filled by the rpc handler,
     awaited by the round. Only the last :data:`KEPT_PLANS` plans are kept, so a stranger cannot
-    fill our memory with messages for rounds that never run."""
+    fill our memory with messages for rounds that never run.
+
+    A message that comes after our wait for it ended is refused, not stored: its sender must not
+    count as delivered a cell we will never use (see :meth:`TwoLevel._tl_withdraw_undelivered`)."""
 
     def __init__(self):
         self._plans: collections.OrderedDict[str, dict[tuple, asyncio.Future]] = collections.OrderedDict()
@@ -121,14 +132,19 @@ class Mailbox:
             slots[key] = asyncio.get_event_loop().create_future()
         return slots[key]
 
-    def put(self, plan_id: str, key: tuple, value: Any) -> None:
+    def put(self, plan_id: str, key: tuple, value: Any) -> bool:
+        """Store ``value`` under ``key``; False if the key was taken already (a replay) or its wait
+        is over (late)."""
         future = self.slot(plan_id, key)
-        if not future.done():  # the first message for a key counts: a replay changes nothing
-            future.set_result(value)
+        if future.done():  # the first message for a key counts: a replay changes nothing
+            return False
+        future.set_result(value)
+        return True
 
     def get(self, plan_id: str, key: tuple) -> Any | None:
         future = self._plans.get(plan_id, {}).get(key)
-        return future.result() if future is not None and future.done() else None
+        value = future.result() if future is not None and future.done() else None
+        return None if value is _LATE else value
 
     def touch(self, plan_id: str) -> None:
         self.activity[plan_id] = time.monotonic()
@@ -143,7 +159,10 @@ class Mailbox:
             if left <= 0:
                 break
             await asyncio.wait([f for f in futures.values() if not f.done()], timeout=left)
-        return {key: f.result() for key, f in futures.items() if f.done()}
+        for future in futures.values():
+            if not future.done():
+                future.set_result(_LATE)  # from now on, a message for it is refused as late
+        return {key: f.result() for key, f in futures.items() if f.result() is not _LATE}
 
 
 class TwoLevel:
@@ -161,6 +180,8 @@ class TwoLevel:
         """Receive one message of a two-level round (or answer a repair request)."""
         sender = context.remote_id
         refused = averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+        if sender.to_base58() in self._tl_cut_off():  # tests: a link down between two peers only
+            return
         if sender in self._banned or not await self._published_member(sender):  # closed runs: members only
             yield refused
             return
@@ -172,7 +193,7 @@ class TwoLevel:
             yield refused
             return
         box = self._mailbox()
-        if header.kind == "fetch":
+        if header.kind in ("fetch", "peek"):
             # Read the asker's end of stream first: answering and closing before it arrives breaks
             # the asker's pipe, and its read then fails although the answer came.
             try:
@@ -181,26 +202,15 @@ class TwoLevel:
             except Exception:
                 yield refused
                 return
-            # The answer is final: a holder answers once its own round has settled the cell (a
-            # decider once it decided, an owner once its wait for the decision ended). A "not
-            # here" given while the decision was still on its way, as a silence-bounded wait
-            # gave under load, left the asker without a cell the others held: a second state.
-            # A plan we have not started within a silence is one we may never run (we read
-            # another ready set): "not here" then, not a wait as long as a round.
-            slot = box.slot(header.plan_id, ("held", header.index))
-            try:
-                held = await asyncio.wait_for(asyncio.shield(slot), self._tl_silence_s())
-            except asyncio.TimeoutError:
-                held = None
-                if header.plan_id in box.running:
-                    try:
-                        held = await asyncio.wait_for(asyncio.shield(slot), self._tl_deadline_s())
-                    except asyncio.TimeoutError:
-                        pass
+            if header.kind == "peek":  # what we hold now, at once
+                held = box.get(header.plan_id, ("held", header.index))
+            else:
+                held = await self._tl_final_answer(box, header.plan_id, header.index)
+            held = _serve(box, header.plan_id, header.index, held)
             if held is None:
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART)  # no header: "not here"
                 return
-            async for message in self._tl_messages(held[0], held[1]):
+            async for message in self._tl_messages(dataclasses.replace(held[0], kind="decision"), held[1]):
                 yield message
             return
         limit = 4 * self._tl_size + (1 << 20)  # nothing legitimate is larger than the fp32 vector
@@ -217,9 +227,28 @@ class TwoLevel:
             yield refused
             return
         self.traffic[RECEIVED] += received
-        box.put(header.plan_id, (header.kind, header.index, sender.to_base58()), (header, combine_from_streaming(chunks)))
+        stored = box.put(header.plan_id, (header.kind, header.index, sender.to_base58()), (header, combine_from_streaming(chunks)))
         box.touch(header.plan_id)
-        yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART)
+        # "Too late" (or a replay) is not a delivery: the sender must not count on us holding it.
+        yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART if stored else averaging_pb2.CANCELLED)
+
+    async def _tl_final_answer(self, box: Mailbox, plan_id: str, cell: tuple):
+        """The cell for a repair request, or None: a final answer, given once our own round has
+        settled the cell (a decider once it decided, an owner once its wait for the decision ended).
+        A "not here" given while the decision was still on its way, as a silence-bounded wait gave
+        under load, left the asker without a cell the others held: a second state. A plan we have
+        not started within a silence is one we may never run (we read another ready set): "not
+        here" then, not a wait as long as a round."""
+        slot = box.slot(plan_id, ("held", cell))
+        try:
+            return await asyncio.wait_for(asyncio.shield(slot), self._tl_silence_s())
+        except asyncio.TimeoutError:
+            if plan_id not in box.running:
+                return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(slot), self._tl_deadline_s())
+        except asyncio.TimeoutError:
+            return None
 
     async def _tl_messages(self, header: Header, serialized: runtime_pb2.Tensor) -> AsyncIterator[averaging_pb2.AveragingData]:
         metadata = self.serializer.dumps(header.dump())
@@ -233,6 +262,8 @@ class TwoLevel:
         if peer == self._tl_me:
             self._mailbox().put(header.plan_id, (header.kind, header.index, peer), (header, serialized))
             return True
+        if peer in self._tl_cut_off():
+            return False
         try:
             stub = self.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
             replies = await stub.rpc_two_level(self._tl_messages(header, serialized))
@@ -242,13 +273,16 @@ class TwoLevel:
             log.debug("two-level %s to %s failed: %r", header.kind, peer, e)
             return False
 
-    async def _tl_fetch(self, peer: str, plan_id: str, cell: planning.Cell
+    async def _tl_fetch(self, peer: str, plan_id: str, cell: planning.Cell, kind: str = "fetch"
                         ) -> tuple[tuple[Header, runtime_pb2.Tensor] | None, bool]:
-        """The repair step: ask ``peer`` for a decided cell. Returns the cell (or None) and whether
-        ``peer`` answered at all: a final "not here" is an answer, a dead or refusing peer is not."""
+        """The repair step: ask ``peer`` for a decided cell (``kind`` "fetch", or "peek" for what it
+        holds now). Returns the cell (or None) and whether ``peer`` answered at all: a final "not
+        here" is an answer, a dead or refusing peer is not."""
+        if peer in self._tl_cut_off():
+            return None, False
         try:
             stub = self.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
-            ask = averaging_pb2.AveragingData(group_id=self.serializer.dumps(Header(plan_id, "fetch", cell).dump()))
+            ask = averaging_pb2.AveragingData(group_id=self.serializer.dumps(Header(plan_id, kind, cell).dump()))
             replies = await stub.rpc_two_level(_one(ask))
             chunks, header = [], None
             # The holder answers once its own round settled the cell (bounded by its round's deadline).
@@ -279,6 +313,10 @@ class TwoLevel:
             return None
         return values
 
+    def _tl_cut_off(self) -> frozenset:
+        """Peers this round's ``link:cut`` fault (tests only) cuts us off from; empty otherwise."""
+        return getattr(self, "_tl_cut", frozenset())
+
     def _tl_silence_s(self) -> float:
         return float(getattr(self, "_tl_silence", 10.0))
 
@@ -296,7 +334,9 @@ class TwoLevel:
         plan = planning.Plan(epoch=epoch, digest=digest, plan_id=plan_id, groups=tuple(tuple(g) for g in groups),
                              clients=frozenset(clients))
         self._tl_sends: list[asyncio.Task] = []
+        self._tl_deliveries: dict[planning.Cell, list[asyncio.Task]] = {}  # our decided cell -> its sends
         self._tl_deadline = deadline_s
+        self._tl_started = time.monotonic()
         self._mailbox().start(plan_id)
         try:
             answer = await asyncio.wait_for(self._tl_round(plan, weight, silence_s), deadline_s)
@@ -323,9 +363,33 @@ class TwoLevel:
         for cell in cells:
             box.put(plan.plan_id, ("held", tuple(cell)), None)
 
-    def _tl_post(self, peer: str, header: Header, serialized: runtime_pb2.Tensor) -> None:
+    def _tl_post(self, peer: str, header: Header, serialized: runtime_pb2.Tensor) -> asyncio.Task:
         """Send in the background: the round goes on to its next wait, which is what bounds it."""
-        self._tl_sends.append(asyncio.create_task(self._tl_send(peer, header, serialized)))
+        task = asyncio.create_task(self._tl_send(peer, header, serialized))
+        self._tl_sends.append(task)
+        return task
+
+    async def _tl_withdraw_undelivered(self, plan: planning.Plan, decisions: dict, wait_s: float) -> None:
+        """Drop the cell we decided if it reached no other peer: no send was taken and no repair
+        request was answered with it. Then nobody else holds it, and stepping with it would make
+        our state alone in the swarm, as a peer cut off in mid-round did in the partition test
+        (it decided its cell, could not deliver it, then fetched the others' cells once the link
+        healed). Withdrawn, the cell is "not here" to every later request, so it is undecided
+        everywhere and each peer carries its share of it. Sends still in flight get ``wait_s``.
+        """
+        box, pid = self._mailbox(), plan.plan_id
+        for cell, tasks in self._tl_deliveries.items():
+            if cell not in decisions or not tasks:
+                continue  # nobody to push to (clients pull): nothing to judge from
+            done, pending = await asyncio.wait(tasks, timeout=max(0.0, wait_s))
+            if any(t.result() for t in done if not t.cancelled()) or box.get(pid, ("served", cell)):
+                continue
+            for task in pending:
+                task.cancel()  # a stream cut off before its end is not taken
+            box.put(pid, ("withdrawn", cell), True)  # with no await since the check: no request served between
+            del decisions[cell]
+            log.info("two-level cell %s of epoch %d reached no other peer: withdrawn, so no peer steps with it alone",
+                     cell, plan.epoch)
 
     async def _tl_drain(self, silence_s: float) -> None:
         """Give our last sends up to ``silence_s`` to finish (receivers may still be reading)."""
@@ -342,6 +406,7 @@ class TwoLevel:
         box, codec, pid = self._mailbox(), self._codec, plan.plan_id
         g, own = plan.group_of(me), plan.column_of(me)
         members = plan.groups[g]
+        self._tl_cut = frozenset([m for m in members if m != me][:1]) if faults.reached("link") == "cut" else frozenset()
         cells = plan.cell_spans(size)
         if self.residual is not None:
             self.residual.zero_()
@@ -370,8 +435,10 @@ class TwoLevel:
             arrived = await box.take(pid, [("forward", cell, plan.owner(g, cell[0])) for cell in wanted], silence_s)
             for (_, cell, _), (header, serialized) in arrived.items():
                 decisions[cell] = (header, serialized)
+                box.put(pid, ("held", cell), (header, serialized))  # a peek may ask us for it from now on
 
         unsure = []  # cells left zero although a holder we could not ask may hold them
+        doubtful = []  # ... and some of the peers we peeked at did not answer either
 
         async def repair(cell):
             """Ask the holder that should have sent it (our group's owner of its column), then every
@@ -389,12 +456,48 @@ class TwoLevel:
                 finally:
                     for ask in asks:
                         ask.cancel()
+            if fetched is None and not answered:
+                # A holder we could not reach may hold it, and then so do the peers it reached:
+                # peek at some (our group first, then the next groups').
+                asked = {me, *_holders(plan, cell, me, g)}
+                others = [p for h in range(len(plan.groups)) for p in plan.groups[(g + h) % len(plan.groups)]
+                          if p not in asked and p not in plan.clients][:PEEKS]
+                peeks = [asyncio.create_task(self._tl_fetch(p, pid, cell, "peek")) for p in others]
+                reached_all = bool(peeks)
+                try:
+                    for answer in asyncio.as_completed(peeks, timeout=silence_s):  # a dead peer's dial may hang
+                        fetched, sure = await answer
+                        reached_all = reached_all and sure
+                        if fetched is not None:
+                            break
+                except asyncio.TimeoutError:
+                    reached_all = False
+                finally:
+                    for peek in peeks:
+                        peek.cancel()
+                if fetched is None and not reached_all:
+                    # We reach neither the holder nor all of the others: we are likelier the peer
+                    # that is cut off than they are. Stepping without a cell they may all hold
+                    # would leave us alone on a second state (seen right after a partition healed).
+                    doubtful.append(cell)
             if fetched is not None:
                 decisions[cell] = fetched
             elif not answered:
                 unsure.append(cell)
 
-        await asyncio.gather(*(repair(cell) for cell in plan.cells() if cell not in decisions))
+        # The repairs end in time to assemble, judge our own cell and drain before the deadline:
+        # a round abandoned at the deadline while a partner's completed was a second state in CI
+        # (the partner fetched our cells once a cut link healed; we had given up on its cell).
+        end = self._tl_started + self._tl_deadline
+        left = lambda: end - time.monotonic()  # noqa: E731
+        repairing = {cell: asyncio.create_task(repair(cell)) for cell in plan.cells() if cell not in decisions}
+        if repairing:
+            _, late = await asyncio.wait(repairing.values(), timeout=max(0.0, min(left() - 2 * silence_s, left() / 2)))
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            unsure += [cell for cell, task in repairing.items() if task in late and cell not in decisions]
+        await self._tl_withdraw_undelivered(plan, decisions, min(silence_s, left() / 3))
         # The assembled average: every held decision decoded from the bytes its decider sent.
         average = torch.zeros(size)
         held, flagged, refused = {}, set(), set()
@@ -410,8 +513,9 @@ class TwoLevel:
             box.put(pid, ("held", cell), (header, serialized))
         with self.get_tensors() as (buffer,):
             buffer.copy_(average)
-        await self._tl_drain(silence_s)  # the members we forward to may still be reading
-        return {"decisions": held, "flagged": sorted(flagged), "refused": sorted(refused), "unsure": len(unsure)}
+        await self._tl_drain(min(silence_s, max(0.0, left() - 0.5)))  # the members we forward to may still be reading
+        return {"decisions": held, "flagged": sorted(flagged), "refused": sorted(refused), "unsure": len(unsure),
+                "doubtful": len(doubtful)}
 
     async def _tl_own_column(self, plan: planning.Plan, me: str, g: int, own: int, x: torch.Tensor, weight: float,
                              silence_s: float) -> dict:
@@ -468,9 +572,7 @@ class TwoLevel:
                                   tuple(sorted(refusals)))
                 held[mine] = (decision, serialized)
                 box.put(pid, ("held", mine), held[mine])
-                for o in owners:
-                    if o != me:
-                        self._tl_post(o, decision, serialized)
+                self._tl_deliveries[mine] = [self._tl_post(o, decision, serialized) for o in owners if o != me]
         # The other groups' decisions of our column, then all of them to our group, unchanged.
         others_cells = [(own, h) for h in range(len(plan.groups)) if h != g]
         got = await box.take(pid, [("decision", cell, plan.decider(cell)) for cell in others_cells], silence_s)
@@ -482,7 +584,9 @@ class TwoLevel:
             forward = dataclasses.replace(header, kind="forward")
             for m in plan.groups[g]:
                 if m != me and m not in plan.clients:  # clients fetch theirs
-                    self._tl_post(m, forward, serialized)
+                    task = self._tl_post(m, forward, serialized)
+                    if cell == mine:
+                        self._tl_deliveries[mine].append(task)
         return held
 
 
@@ -497,6 +601,15 @@ def _holders(plan: planning.Plan, cell: planning.Cell, me: str, group: int) -> l
             seen.add(p)
             order.append(p)
     return order
+
+
+def _serve(box: Mailbox, plan_id: str, cell: tuple, held):
+    """What a repair request gets: ``held``, unless we withdrew that cell; a cell handed out is
+    marked served, so we do not withdraw it afterwards. No await between the check and the mark."""
+    if held is None or box.get(plan_id, ("withdrawn", cell)):
+        return None
+    box.put(plan_id, ("served", cell), True)
+    return held
 
 
 async def _one(message):

@@ -113,6 +113,21 @@ def test_a_nan_sender_is_named_in_the_decisions_so_every_peer_refuses_it_alike(t
     assert partner["carried"], "the partner's work in the NaN owner's column is carried to the next round"
 
 
+def test_a_link_down_between_two_members_only_leaves_one_state(tmp_path):
+    """Rank 2 cannot reach one member of its group, nor that member it, while both reach the third:
+    the cell that member decided never comes to rank 2 from it (no forward, no answer to the
+    repair). Without asking around, rank 2 would step with that cell zero while the others step
+    with it: two states. It peeks at the third member, which holds the cell: one state."""
+    results = run_workers(tmp_path, 3, 4, "none", faults={2: "link:cut@1"}, silence_s=4.0)
+    assert not [r["error"] for r in results if "error" in r]
+    for r in results:
+        assert torch.equal(r["average"], results[0]["average"]), "peers hold different averages"
+        assert r["decisions"] == results[0]["decisions"] and r["decided"] == 1.0 and r["apply"]
+        assert r["one_sided"] == 0, "every cell reached every peer: nothing left unsure"
+    # The part of rank 2's work that went to the member it cannot reach is carried, not lost.
+    assert results[2]["carried"] and results[2]["peer"] not in results[0]["contributors"]
+
+
 def test_an_owner_killed_before_its_partials_costs_its_cells_not_the_state(tmp_path):
     """Rank 3 dies after reducing its group's column, before sending a cell of it: its own cell is
     undecided (zero everywhere) and its group's column is missing from the others. The five

@@ -62,7 +62,8 @@ def main() -> None:
                   "apply": result.outcome.apply, "contributors": result.outcome.contributors,
                   "carried": result.outcome.carried, "decided": result.outcome.decided, "decisions": {c: sorted(m) for c, m in result.decisions.items()},
                   "residual": result.residual, "seconds": result.seconds, "groups": plan.groups,
-                  "clients": sorted(plan.clients), "one_sided": avg.one_sided, "refused": result.refused}
+                  "clients": sorted(plan.clients), "one_sided": avg.one_sided, "refused": result.refused,
+                  "doubtful": result.doubtful}
     except AveragingFailed as e:
         record = {"error": str(e), "peer": avg.peer_id}
     finally:

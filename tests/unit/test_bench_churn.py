@@ -27,6 +27,7 @@ def test_a_fork_that_merges_later_is_healed_and_its_lost_work_counted():
     assert report["unhealed_forks"] == []
     assert report["forks_healed"] == 1
     assert report["work_kept_peer_epochs"] == "5/6"  # c's epoch-1 work is not in the kept state
+    assert report["work_lost"] == dict(catch_up=0, catch_up_rebased=0, fork=1, part=0, left_out=0)
     assert report["max_group_size"] == 3
 
 
@@ -45,3 +46,16 @@ def test_one_sided_rounds_are_summed_over_each_process_life():
     report = churn.analyse([a, b], kills=[], exit_codes=[0, 0], leftovers=0, wall_s=10.0)
     assert report["one_sided_rounds"] == 3
     assert report["work_kept"] == 1.0
+
+
+def test_lost_work_says_where_it_went():
+    # Epoch 1: c's column owner died, so a third of c's work missed the state (carried); d was left
+    # out; e was restarted and spent the epoch downloading.
+    a = [rec("a", 1, "k1", "ab")]
+    c = [dict(rec("c", 1, "k1", "ab"), partly_included={"c": 0.6667})]
+    d = [rec("d", 1, "k1", "ab")]
+    e = [rec("e", 1, "k1", event="downloaded", reason="behind")]
+    f = [dict(rec("f", 1, "k1", event="downloaded", reason="behind"), rebased_steps=7)]  # a lagging peer: its work goes next
+    report = churn.analyse([a, c, d, e, f], kills=[], exit_codes=[0] * 5, leftovers=0, wall_s=10.0)
+    assert report["work_lost"] == dict(catch_up=2, catch_up_rebased=1, fork=0, part=0.33, left_out=1)
+    assert report["work_kept_whole"] == 0.2 and report["work_kept"] == round(1.6667 / 5, 4)

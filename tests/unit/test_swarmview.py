@@ -155,6 +155,19 @@ def test_cut_off_waits_alone_after_s_then_forgets():
     assert view.seen == set()
 
 
+def test_back_from_a_cut_an_empty_read_proves_nothing_until_the_records_settle():
+    view = view_of(rec("p1", 3, "a"))
+    view.update({})
+    assert not view.may_be_alone(100.0, 60.0, neighbours=lambda: 0, settle_s=6.0)  # cut off
+    # The link heals: neighbours answer at once, the others' records are not readable yet.
+    assert not view.may_be_alone(110.0, 60.0, neighbours=lambda: 1, settle_s=6.0)
+    assert view.cut_off_since is None and view.back_since == 110.0
+    assert not view.may_be_alone(115.9, 60.0, neighbours=lambda: 1, settle_s=6.0)
+    assert view.may_be_alone(116.0, 60.0, neighbours=lambda: 1, settle_s=6.0)  # still nobody: alone
+    view.update(records(rec("p1", 4, "b")))
+    assert view.back_since is None
+
+
 def test_unknown_neighbours_is_not_alone_and_a_live_record_ends_a_cut():
     view = view_of(rec("p1", 3, "a"))
     view.update({})

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 import torch
 
 from p2pdiloco.averaging.front import RoundResult
@@ -79,6 +81,24 @@ def test_a_member_left_out_of_the_average_is_not_a_contributor():
     assert (s["epochs"][0]["contributors"], s["epochs"][0]["trained"]) == (2, 3)
 
 
+def test_a_dead_owners_group_counts_for_the_share_of_its_work_in_the_state(capsys):
+    # Two-level, 6 peers in groups (p0..p2), (p3..p5): p2 owned a column of its group and died in the
+    # round, so p0 and p1 are in the state for 2/3 of their values (the rest carried); p2 trained
+    # nothing that finished (no record), the other group is in it entire.
+    live = ["p0", "p1", "p3", "p4", "p5"]
+    partly = {"p0": 0.6667, "p1": 0.6667}
+    metrics = {p: [dict(_step(p, 1, "s1", live + ["p2"], ["p3", "p4", "p5"]), partly_included=partly)] for p in live}
+    s = summarize(metrics, num_peers=6, wall_s=1.0)
+    assert (s["whole_peer_epochs"], s["work_kept_peer_epochs"], s["peer_epochs_trained"]) == (3, 4.33, 5)
+    assert s["work_kept"] == pytest.approx(4.3334 / 5) and s["work_kept_whole"] == pytest.approx(3 / 5)
+    print_table(s)
+    out = capsys.readouterr().out
+    assert "4.33/5" in out and "3 of them entire, the others in part" in out
+    # A record whose share is out of range cannot push the sum past the peers that trained.
+    metrics["p0"][0]["partly_included"] = {"p0": 7.0, "p1": -1.0}
+    assert summarize(metrics, num_peers=6, wall_s=1.0)["work_kept"] <= 1.0
+
+
 def test_records_from_before_contributors_count_their_group():
     s = summarize(_two_groups(3, download=True, new_records=False), num_peers=8, wall_s=1.0)
     assert (s["work_kept_peer_epochs"], s["peer_epochs_trained"]) == (12, 24)
@@ -110,6 +130,9 @@ def test_the_outer_step_record_and_the_dht_record_carry_the_contributors():
     record = Peer._epoch_fields(peer, result, done, "digest", staleness=0)
     assert (record["event"], record["group"], record["contributors"]) == ("outer_step", ["a", "me", "z"], ["a", "me"])
     assert record["one_sided"] == 2  # the averager's count so far (bench/churn_soak.py sums it)
+    assert record["partly_included"] == {}
+    result.included = {"a": 1.0, "me": 0.75, "z": 0.0}  # two-level: a dead owner's column left part of ours out
+    assert Peer._epoch_fields(peer, result, done, "digest", staleness=0)["partly_included"] == {"me": 0.75}
     solo = Peer._epoch_fields(peer, None, done, "digest", staleness=0)
     assert (solo["event"], solo["contributors"]) == ("solo_step", ["me"])
     Peer._note_round(peer, result)
