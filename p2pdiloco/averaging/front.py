@@ -335,7 +335,7 @@ class PseudoGradientAverager:
             answer = self._call("_two_level_round", cfg.round_s + cfg.request_s, groups=[list(g) for g in plan.groups],
                                 clients=sorted(plan.clients),
                                 plan_id=plan.plan_id, epoch=plan.epoch, digest=plan.digest, weight=float(weight),
-                                silence_s=cfg.next_chunk_s, deadline_s=cfg.round_s)
+                                silence_s=cfg.next_chunk_s, deadline_s=cfg.round_s, quorum=quorum)
         except Exception as e:
             raise AveragingFailed(f"two-level round of epoch {plan.epoch} failed: {type(e).__name__}: {e}") from None
         decisions = {tuple(cell): frozenset(members) for cell, members in answer["decisions"].items()}

@@ -202,8 +202,8 @@ class TwoLevel:
             except Exception:
                 yield refused
                 return
-            if header.kind == "peek":  # what we hold now, at once
-                held = box.get(header.plan_id, ("held", header.index))
+            if header.kind == "peek":
+                held = await self._tl_peek_answer(box, header.plan_id, header.index)
             else:
                 held = await self._tl_final_answer(box, header.plan_id, header.index)
             held = _serve(box, header.plan_id, header.index, held)
@@ -231,6 +231,18 @@ class TwoLevel:
         box.touch(header.plan_id)
         # "Too late" (or a replay) is not a delivery: the sender must not count on us holding it.
         yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART if stored else averaging_pb2.CANCELLED)
+
+    async def _tl_peek_answer(self, box: Mailbox, plan_id: str, cell: tuple):
+        """The cell for a peek, or None: what we hold once our round settled the cell, waiting at
+        most one silence (a forward or our own repair may still bring it: answered "not here" at
+        once, a peer that got it a moment later was a second state). Two peers that both lack the
+        cell and peek at each other wait one silence each, not a round."""
+        if plan_id not in box.running:
+            return box.get(plan_id, ("held", cell))
+        try:
+            return await asyncio.wait_for(asyncio.shield(box.slot(plan_id, ("held", cell))), self._tl_silence_s())
+        except asyncio.TimeoutError:
+            return None
 
     async def _tl_final_answer(self, box: Mailbox, plan_id: str, cell: tuple):
         """The cell for a repair request, or None: a final answer, given once our own round has
@@ -327,10 +339,14 @@ class TwoLevel:
 
     # ------------------------------------------------------------------ the round
     async def _two_level_round(self, groups: list[list[str]], clients: list[str], plan_id: str, epoch: int, digest: str,
-                               weight: float, silence_s: float, deadline_s: float, future) -> None:
+                               weight: float, silence_s: float, deadline_s: float, future, quorum: float = 0.5) -> None:
         """Run this peer's part of one round; the assembled average (undecided cells zero) goes
         into the shared buffer, and ``future`` gets ``{"decisions": {cell: members}}`` of the
-        decisions held. Past ``deadline_s`` the round is abandoned and the buffer left alone."""
+        decisions held. Past ``deadline_s`` the round is abandoned and the buffer left alone.
+
+        A round this peer will not apply (abandoned, below ``quorum``, a doubtful cell) withdraws
+        every cell it holds: a peer that fetched them now could step with a set of cells we do
+        not step with, while we catch up with the swarm instead."""
         plan = planning.Plan(epoch=epoch, digest=digest, plan_id=plan_id, groups=tuple(tuple(g) for g in groups),
                              clients=frozenset(clients))
         self._tl_sends: list[asyncio.Task] = []
@@ -339,11 +355,12 @@ class TwoLevel:
         self._tl_started = time.monotonic()
         self._mailbox().start(plan_id)
         try:
-            answer = await asyncio.wait_for(self._tl_round(plan, weight, silence_s), deadline_s)
+            answer = await asyncio.wait_for(self._tl_round(plan, weight, silence_s, quorum), deadline_s)
             self._tl_count_codec()  # before the host reads the counters
             future.set_result(answer)
         except Exception as e:
             log.debug("two-level round failed: %r", e, exc_info=True)
+            self._tl_withdraw_all(plan)
             if not future.done():
                 future.set_exception(e)
         finally:
@@ -368,6 +385,13 @@ class TwoLevel:
         task = asyncio.create_task(self._tl_send(peer, header, serialized))
         self._tl_sends.append(task)
         return task
+
+    def _tl_withdraw_all(self, plan: planning.Plan) -> None:
+        """Every cell of ``plan`` is "not here" from now on (we do not step with this round)."""
+        box = self._mailbox()
+        log.debug("two-level round of epoch %d not stepped with: its cells withdrawn", plan.epoch)
+        for cell in plan.cells():
+            box.put(plan.plan_id, ("withdrawn", tuple(cell)), True)
 
     async def _tl_withdraw_undelivered(self, plan: planning.Plan, decisions: dict, wait_s: float) -> None:
         """Drop the cell we decided if it reached no other peer: no send was taken and no repair
@@ -397,7 +421,7 @@ class TwoLevel:
         if pending:
             await asyncio.wait(pending, timeout=silence_s)
 
-    async def _tl_round(self, plan: planning.Plan, weight: float, silence_s: float) -> dict:
+    async def _tl_round(self, plan: planning.Plan, weight: float, silence_s: float, quorum: float = 0.5) -> dict:
         self._tl_silence, me = silence_s, self.peer_id.to_base58()
         self._tl_me = me
         with self.get_tensors() as (buffer,):
@@ -465,7 +489,8 @@ class TwoLevel:
                 peeks = [asyncio.create_task(self._tl_fetch(p, pid, cell, "peek")) for p in others]
                 reached_all = bool(peeks)
                 try:
-                    for answer in asyncio.as_completed(peeks, timeout=silence_s):  # a dead peer's dial may hang
+                    # A peer answers within a silence (see _tl_peek_answer); a dead peer's dial may hang.
+                    for answer in asyncio.as_completed(peeks, timeout=2 * silence_s + 1):
                         fetched, sure = await answer
                         reached_all = reached_all and sure
                         if fetched is not None:
@@ -475,6 +500,8 @@ class TwoLevel:
                 finally:
                     for peek in peeks:
                         peek.cancel()
+                log.debug("cell %s: holder unreachable; peeked at %d peer(s): %s", cell, len(peeks),
+                          "got it" if fetched is not None else "all answered without it" if reached_all else "not all answered")
                 if fetched is None and not reached_all:
                     # We reach neither the holder nor all of the others: we are likelier the peer
                     # that is cut off than they are. Stepping without a cell they may all hold
@@ -492,12 +519,15 @@ class TwoLevel:
         left = lambda: end - time.monotonic()  # noqa: E731
         repairing = {cell: asyncio.create_task(repair(cell)) for cell in plan.cells() if cell not in decisions}
         if repairing:
-            _, late = await asyncio.wait(repairing.values(), timeout=max(0.0, min(left() - 2 * silence_s, left() / 2)))
+            margin = max(1.0, 0.15 * self._tl_deadline)  # to judge our cell, assemble and drain
+            _, late = await asyncio.wait(repairing.values(), timeout=max(0.0, left() - margin))
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-            unsure += [cell for cell, task in repairing.items() if task in late and cell not in decisions]
-        await self._tl_withdraw_undelivered(plan, decisions, min(silence_s, left() / 3))
+            # Not knowing whether a holder we could not finish asking has the cell, step not: the
+            # swarm's state can be downloaded, a second state cannot be undone (the soak's forks).
+            doubtful += [cell for cell, task in repairing.items() if task in late and cell not in decisions]
+        await self._tl_withdraw_undelivered(plan, decisions, min(silence_s, left() / 2))
         # The assembled average: every held decision decoded from the bytes its decider sent.
         average = torch.zeros(size)
         held, flagged, refused = {}, set(), set()
@@ -513,6 +543,8 @@ class TwoLevel:
             box.put(pid, ("held", cell), (header, serialized))
         with self.get_tensors() as (buffer,):
             buffer.copy_(average)
+        if doubtful or sum(cells[c][1] - cells[c][0] for c in held) <= quorum * size:
+            self._tl_withdraw_all(plan)  # we step not: nobody may step with our cells of this round
         await self._tl_drain(min(silence_s, max(0.0, left() - 0.5)))  # the members we forward to may still be reading
         return {"decisions": held, "flagged": sorted(flagged), "refused": sorted(refused), "unsure": len(unsure),
                 "doubtful": len(doubtful)}
