@@ -517,9 +517,9 @@ class TwoLevel:
         # (the partner fetched our cells once a cut link healed; we had given up on its cell).
         end = self._tl_started + self._tl_deadline
         left = lambda: end - time.monotonic()  # noqa: E731
+        margin = max(1.0, 0.15 * self._tl_deadline)  # to judge our cell, assemble and drain
         repairing = {cell: asyncio.create_task(repair(cell)) for cell in plan.cells() if cell not in decisions}
         if repairing:
-            margin = max(1.0, 0.15 * self._tl_deadline)  # to judge our cell, assemble and drain
             _, late = await asyncio.wait(repairing.values(), timeout=max(0.0, left() - margin))
             for task in late:
                 task.cancel()
@@ -527,6 +527,12 @@ class TwoLevel:
             # Not knowing whether a holder we could not finish asking has the cell, step not: the
             # swarm's state can be downloaded, a second state cannot be undone (the soak's forks).
             doubtful += [cell for cell, task in repairing.items() if task in late and cell not in decisions]
+        if left() < margin and not doubtful:
+            # Our round ran past the point where our partners stop repairing (we were frozen or
+            # starved): they may have given up on this plan and averaged again without us, and
+            # the cells we hold may be ones they did not step with (a peer SIGSTOPped in CI
+            # resumed, found their forwards in its buffers and stepped alone). Step not.
+            doubtful.append(None)
         await self._tl_withdraw_undelivered(plan, decisions, min(silence_s, left() / 2))
         # The assembled average: every held decision decoded from the bytes its decider sent.
         average = torch.zeros(size)

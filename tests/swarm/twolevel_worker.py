@@ -52,7 +52,9 @@ def main() -> None:
     avg = PseudoGradientAverager(dht, SIZE, prefix="tltest", cfg=cfg, compression=compression, target_group_size=4,
                                  min_group_size=2, state_fn=lambda: ({}, []), error_feedback=compression != "none",
                                  aggregation=AggregationConfig(), client_mode=client)
-    out.with_suffix(".id").write_text(f"{avg.peer_id} {int(client)}")
+    # Written whole, then renamed: a worker reading the ids must never see a half-written file.
+    out.with_suffix(".tmp").write_text(f"{avg.peer_id} {int(client)}")
+    out.with_suffix(".tmp").rename(out.with_suffix(".id"))
     ids = [p.read_text().split() for p in barrier(out.parent, ".id", workers, 120)]
     plan = planning.make_plan(1, "digest", [i for i, _ in ids], int(group_size), clients=[i for i, c in ids if c == "1"])
     vector, weight = torch.randn(SIZE, generator=torch.Generator().manual_seed(rank)) * (rank + 1), rank + 1
