@@ -133,8 +133,9 @@ class Round:
         result = self.averager.average_plan(delta, plan, weight=tokens)
         outcome = result.outcome
         if not outcome.apply and result.doubtful:
-            log.warning("epoch %d: %d cell(s) of the round reached neither this peer nor the peers it asked, which may "
-                        "hold them (a link down?); not applied, the work goes at the next attempt", epoch, result.doubtful)
+            log.warning("epoch %d: this peer cannot be sure it holds the cells the others step with (a holder and some "
+                        "peers it asked did not answer, or its round ran past its partners' cutoff); not applied, the "
+                        "work goes at the next attempt", epoch)
             return None
         if not outcome.apply:
             log.warning("epoch %d: two-level round of %d peers decided %.0f %% of the values, below the quorum; "

@@ -76,7 +76,8 @@ class PlanRoundResult:
     decode_s: float = 0.0
     residual: torch.Tensor | None = None  # error feedback: what quantizing our columns dropped
     flagged: list[str] = dataclasses.field(default_factory=list)  # members an owner's robust rule flagged
-    # cells we could get from neither their holder nor every peer we asked: then we step not
+    # cells we could get from neither their holder nor every peer we asked (or a round past the
+    # partners' cutoff, counted as one): then we step not
     doubtful: int = 0
     refused: list[str] = dataclasses.field(default_factory=list)  # senders of unusable values, named in decisions
 

@@ -17,9 +17,9 @@ message carries a small header (in ``group_id``: plan, kind, index, weight, memb
 - ``forward``: the same bytes, unchanged, from an owner to the members of its group;
 - ``fetch`` (the repair step): "send me cell ``(c, h)`` if you hold it", answered with its bytes
   once the holder's own round has settled the cell (a final answer);
-- ``peek``: the same asked of any other peer of the round, answered at once with what it holds
-  now: when a holder we must ask cannot be reached from here (a link down one way), a peer that
-  can reach it has the cell, and taking it from there keeps us on the one state.
+- ``peek``: the same asked of any other peer of the round, answered within one silence with what
+  it holds: when a holder we must ask cannot be reached from here (a link down one way), a peer
+  that can reach it has the cell, and taking it from there keeps us on the one state.
 
 Nothing a stranger sends is trusted: headers are type-checked, a part must decode to the size
 the plan says and hold finite values, and a message larger than the whole pseudo-gradient in
@@ -202,11 +202,8 @@ class TwoLevel:
             except Exception:
                 yield refused
                 return
-            if header.kind == "peek":
-                held = await self._tl_peek_answer(box, header.plan_id, header.index)
-            else:
-                held = await self._tl_final_answer(box, header.plan_id, header.index)
-            held = _serve(box, header.plan_id, header.index, held)
+            held = _serve(box, header.plan_id, header.index,
+                          await self._tl_answer(box, header.plan_id, header.index, final=header.kind == "fetch"))
             if held is None:
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART)  # no header: "not here"
                 return
@@ -232,30 +229,25 @@ class TwoLevel:
         # "Too late" (or a replay) is not a delivery: the sender must not count on us holding it.
         yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART if stored else averaging_pb2.CANCELLED)
 
-    async def _tl_peek_answer(self, box: Mailbox, plan_id: str, cell: tuple):
-        """The cell for a peek, or None: what we hold once our round settled the cell, waiting at
-        most one silence (a forward or our own repair may still bring it: answered "not here" at
-        once, a peer that got it a moment later was a second state). Two peers that both lack the
-        cell and peek at each other wait one silence each, not a round."""
-        if plan_id not in box.running:
-            return box.get(plan_id, ("held", cell))
-        try:
-            return await asyncio.wait_for(asyncio.shield(box.slot(plan_id, ("held", cell))), self._tl_silence_s())
-        except asyncio.TimeoutError:
-            return None
+    async def _tl_answer(self, box: Mailbox, plan_id: str, cell: tuple, final: bool):
+        """The cell for a repair request, or None, once our own round has settled the cell (a
+        decider once it decided, an owner once its wait for the decision ended, a member once its
+        forward or its own repair came).
 
-    async def _tl_final_answer(self, box: Mailbox, plan_id: str, cell: tuple):
-        """The cell for a repair request, or None: a final answer, given once our own round has
-        settled the cell (a decider once it decided, an owner once its wait for the decision ended).
-        A "not here" given while the decision was still on its way, as a silence-bounded wait gave
-        under load, left the asker without a cell the others held: a second state. A plan we have
-        not started within a silence is one we may never run (we read another ready set): "not
-        here" then, not a wait as long as a round."""
+        ``final`` (a fetch, to a holder): waited for as long as our round may last. A "not here"
+        given while the decision was still on its way, as a silence-bounded wait gave under load,
+        left the asker without a cell the others held: a second state. A peek (to any peer)
+        waits one silence at most: two peers that both lack the cell and peek at each other then
+        wait a silence each, not a round. A plan we have not started within a silence is one we
+        may never run (we read another ready set): "not here" then; to a peek, at once.
+        """
+        if not final and plan_id not in box.running:
+            return box.get(plan_id, ("held", cell))
         slot = box.slot(plan_id, ("held", cell))
         try:
             return await asyncio.wait_for(asyncio.shield(slot), self._tl_silence_s())
         except asyncio.TimeoutError:
-            if plan_id not in box.running:
+            if not final or plan_id not in box.running:
                 return None
         try:
             return await asyncio.wait_for(asyncio.shield(slot), self._tl_deadline_s())
@@ -489,7 +481,7 @@ class TwoLevel:
                 peeks = [asyncio.create_task(self._tl_fetch(p, pid, cell, "peek")) for p in others]
                 reached_all = bool(peeks)
                 try:
-                    # A peer answers within a silence (see _tl_peek_answer); a dead peer's dial may hang.
+                    # A peer answers within a silence (see _tl_answer); a dead peer's dial may hang.
                     for answer in asyncio.as_completed(peeks, timeout=2 * silence_s + 1):
                         fetched, sure = await answer
                         reached_all = reached_all and sure
